@@ -1,0 +1,1 @@
+"""Offline side: the Co-DINO model in PyTorch, checkpoint loading, export and engine builds."""

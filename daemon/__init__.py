@@ -1,0 +1,1 @@
+"""The service: RTSP cameras in, batched GPU inference, detections out over ZeroMQ."""
