@@ -1,0 +1,43 @@
+"""The reference multi-scale deformable attention: bilinear sampling through `grid_sample`.
+
+This is the definition the fast kernel is checked against (and the CPU implementation of the op).
+Conventions follow Deformable-DETR: locations in [0, 1] of each level's map, `align_corners=False`,
+zero outside the map.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def ms_deform_attn_reference(
+    value: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    """value (B,S,H,D), shapes (L,2) as (h,w), locations (B,Q,H,L,P,2) as (x,y),
+    weights (B,Q,H,L,P) -> output (B,Q,H*D)."""
+    batch, _, heads, dim = value.shape
+    _, queries, _, levels, points, _ = sampling_locations.shape
+    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    starts = [int(s) for s in level_start_index.tolist()]
+    grids = 2 * sampling_locations - 1
+    sampled = []
+    for level, ((h, w), start) in enumerate(zip(shapes, starts, strict=True)):
+        # (B,h*w,H,D) -> (B*H, D, h, w)
+        value_l = value[:, start : start + h * w].flatten(2).transpose(1, 2)
+        value_l = value_l.reshape(batch * heads, dim, h, w)
+        # (B,Q,H,P,2) -> (B*H, Q, P, 2)
+        grid_l = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
+        sampled.append(
+            F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False)
+        )
+    # (B*H, D, Q, L*P) weighted by (B*H, 1, Q, L*P)
+    stacked = torch.stack(sampled, dim=-2).flatten(-2)
+    weights = attention_weights.transpose(1, 2).reshape(batch * heads, 1, queries, levels * points)
+    output = (stacked * weights).sum(-1).view(batch, heads * dim, queries)
+    return output.transpose(1, 2).contiguous()
