@@ -17,6 +17,7 @@ from collections.abc import Sequence
 COMMAND_MODULES = (
     "codetr_stream.compile.cli",
     "codetr_stream.daemon.commands",
+    "codetr_stream.daemon.scaleout_commands",
 )
 
 
