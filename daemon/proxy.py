@@ -1,0 +1,159 @@
+"""Fan-in of many workers' detection feeds into one endpoint: a ZeroMQ XSUB -> XPUB forwarder.
+
+Subscribers connect to one place and see every worker's `det.<stream>` and `status` messages
+unchanged (same topics, same payloads as a single daemon), and their subscriptions travel upstream
+to the workers, so each worker's PUB still filters at the source. Endpoints bind by default;
+`>tcp://host:port` connects instead (CZMQ's convention), so the proxy can either be the fixed point
+that workers connect to, or reach out to every worker itself. The forwarding loop runs inside
+libzmq (`zmq.proxy_steerable`); a control socket stops it cleanly, and an optional capture socket
+feeds a counter thread that reports the message rate.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import zmq
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FRONTEND = "tcp://127.0.0.1:5560"  # subscribers connect here (XPUB)
+DEFAULT_BACKEND = "tcp://127.0.0.1:5559"  # workers' PUB sockets connect here (XSUB)
+
+
+def attach(sock: zmq.Socket, spec: str) -> str:
+    """Bind `spec`, or connect when it starts with '>'; returns the resolved endpoint."""
+    if spec.startswith(">"):
+        sock.connect(spec[1:])
+        return spec[1:]
+    endpoint = spec.removeprefix("@")
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError as exc:
+        raise ValueError(f"cannot bind {endpoint}: {exc}; pick a free port or address") from None
+    return sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
+@dataclass
+class Rate:
+    """Worker -> subscriber traffic seen in one reporting window."""
+
+    messages: int
+    bytes: int
+    seconds: float
+
+    @property
+    def messages_per_s(self) -> float:
+        return self.messages / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def megabytes_per_s(self) -> float:
+        return self.bytes / self.seconds / 1e6 if self.seconds > 0 else 0.0
+
+
+class Proxy:
+    """XSUB (workers) -> XPUB (subscribers), forwarding in a background thread until stop()."""
+
+    def __init__(
+        self,
+        frontend: Sequence[str] = (DEFAULT_FRONTEND,),
+        backend: Sequence[str] = (DEFAULT_BACKEND,),
+        *,
+        hwm: int = 10_000,
+        stats_interval: float = 0.0,
+        on_stats: Callable[[Rate], None] | None = None,
+    ) -> None:
+        self._context = zmq.Context()
+        self._tag = uuid.uuid4().hex
+        self._stats_interval = stats_interval
+        self._on_stats = on_stats or _log_rate
+        self._stopping = threading.Event()
+        self._xpub = self._socket(zmq.XPUB, hwm)
+        self._xsub = self._socket(zmq.XSUB, hwm)
+        try:
+            self.frontend = [attach(self._xpub, spec) for spec in frontend]
+            self.backend = [attach(self._xsub, spec) for spec in backend]
+        except ValueError:
+            self._context.destroy(linger=0)
+            raise
+        self._control = self._context.socket(zmq.PAIR)
+        self._control.bind(f"inproc://control-{self._tag}")
+        self._threads = [threading.Thread(target=self._forward, name="proxy", daemon=True)]
+        if stats_interval > 0:
+            self._threads.append(threading.Thread(target=self._count, name="proxy-stats",
+                                                  daemon=True))
+
+    def _socket(self, kind: int, hwm: int) -> zmq.Socket:
+        sock = self._context.socket(kind)
+        sock.setsockopt(zmq.SNDHWM, hwm)
+        sock.setsockopt(zmq.RCVHWM, hwm)
+        sock.setsockopt(zmq.LINGER, 0)
+        return sock
+
+    def start(self) -> Proxy:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def _forward(self) -> None:
+        steer = self._context.socket(zmq.PAIR)
+        steer.connect(f"inproc://control-{self._tag}")
+        capture = None
+        if self._stats_interval > 0:
+            # PUB, not PUSH: a counter that falls behind drops copies instead of stalling the feed.
+            capture = self._context.socket(zmq.PUB)
+            capture.setsockopt(zmq.SNDHWM, 100_000)
+            capture.bind(f"inproc://capture-{self._tag}")
+        try:
+            zmq.proxy_steerable(self._xsub, self._xpub, capture, steer)
+        except zmq.ContextTerminated:
+            pass
+        finally:
+            steer.close(0)
+            if capture is not None:
+                capture.close(0)
+
+    def _count(self) -> None:
+        sub = self._context.socket(zmq.SUB)
+        sub.setsockopt(zmq.RCVHWM, 100_000)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(f"inproc://capture-{self._tag}")
+        messages = nbytes = 0
+        started = time.monotonic()
+        try:
+            while not self._stopping.is_set():
+                if sub.poll(100):
+                    frames = sub.recv_multipart(copy=False)
+                    # Single frames starting 0/1 are subscriptions flowing upstream, not data.
+                    if len(frames) > 1 or frames[0].bytes[:1] not in (b"\x00", b"\x01"):
+                        messages += 1
+                        nbytes += sum(len(frame) for frame in frames)
+                now = time.monotonic()
+                if now - started >= self._stats_interval:
+                    self._on_stats(Rate(messages, nbytes, now - started))
+                    messages = nbytes = 0
+                    started = now
+        finally:
+            sub.close(0)
+
+    def stop(self) -> None:
+        """Stop forwarding and close every socket; messages in flight are dropped."""
+        self._stopping.set()
+        if self._threads[0].is_alive():
+            self._control.send(b"TERMINATE")
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(timeout=5)
+        self._control.close(0)
+        self._xpub.close(0)
+        self._xsub.close(0)
+        self._context.term()
+
+
+def _log_rate(rate: Rate) -> None:
+    log.info("proxy: %.0f msg/s, %.2f MB/s", rate.messages_per_s, rate.megabytes_per_s)
