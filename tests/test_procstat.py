@@ -1,0 +1,68 @@
+"""The process sampler reads real /proc values and its trend tells a leak from a plateau."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+import time
+
+import pytest
+from codetr_stream.daemon.procstat import ProcessSample, ProcessSampler, sample_process, trend
+
+
+def test_sample_of_another_process_sees_its_fds_and_threads() -> None:
+    code = (
+        "import threading, time, os\n"
+        "fds = [os.open('/dev/null', os.O_RDONLY) for _ in range(40)]\n"
+        "ts = [threading.Thread(target=time.sleep, args=(30,), daemon=True) for _ in range(5)]\n"
+        "[t.start() for t in ts]\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(30)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        sample = sample_process(child.pid)
+    finally:
+        child.kill()
+        child.wait()
+    assert sample.open_fds >= 43  # stdin/out/err + 40
+    assert sample.threads >= 6
+    assert sample.rss_bytes > 1 << 20
+    assert sample.gpu_reserved_bytes is None
+
+
+def test_sampler_records_over_time_and_once_more_at_exit() -> None:
+    with ProcessSampler(interval_s=0.02) as sampler:
+        time.sleep(0.2)
+    samples = sampler.samples
+    assert len(samples) >= 5
+    assert all(b.time_s > a.time_s for a, b in itertools.pairwise(samples))
+    assert samples[-1].rss_bytes > 0 and samples[-1].open_fds > 0
+    assert samples[-1].threads >= 1
+
+
+def fake(t: float, rss: int, fds: int = 10, threads: int = 4) -> ProcessSample:
+    return ProcessSample(t, rss, fds, threads, None, None)
+
+
+def test_trend_ignores_warmup_and_single_spikes() -> None:
+    warmup = [fake(t, 100 + 50 * t) for t in range(10)]  # growth while warming up
+    steady = [fake(t, 1000) for t in range(10, 40)]
+    steady[-2] = fake(38, 5000)  # one sample mid-batch
+    result = trend(warmup + steady, warmup_s=10)
+    assert result.rss_growth == 0 and result.fd_delta == 0 and result.thread_delta == 0
+    assert result.gpu_growth is None
+
+
+def test_trend_sees_a_leak() -> None:
+    samples = [fake(t, 1000 + 2 * t, fds=10 + t // 10, threads=4 + t // 10) for t in range(60)]
+    result = trend(samples, warmup_s=5)
+    assert result.rss_growth > 0.05
+    assert result.fd_delta == 5 and result.thread_delta == 5
+
+
+def test_trend_needs_enough_samples() -> None:
+    with pytest.raises(ValueError, match="run longer"):
+        trend([fake(t, 1000) for t in range(8)], warmup_s=0)
