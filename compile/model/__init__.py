@@ -1,0 +1,1 @@
+"""Co-DINO modules, one concept per file; `codino.CoDino` assembles them."""
