@@ -1,0 +1,485 @@
+"""streams.yaml: the daemon's whole configuration, validated once into frozen, typed objects.
+
+Every section forbids unknown keys, so a typo fails loudly instead of silently falling back to a
+default. `load_config` reports every problem at once, each with its file, line, field path and a
+hint (the field's own documentation, or the key you probably meant), because an operator fixing a
+camera list at 3 a.m. should not have to iterate one error at a time. Reload builds a new object
+and `diff` says what changed; nothing here is mutated at runtime.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args
+from urllib.parse import urlsplit
+
+import yaml
+from codetr_stream.daemon.detections import COCO_CLASSES
+from codetr_stream.daemon.secrets import SecretError, redact, substitute
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+
+__all__ = [
+    "ConfigDiff", "ConfigError", "DaemonConfig", "Problem", "StreamConfig",
+    "diff", "load_config", "redact", "resolve_class_ids",
+]  # fmt: skip
+
+STREAM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+SOURCE_SCHEMES = ("rtsp", "rtsps", "file")
+PUBLISH_SCHEMES = ("tcp", "ipc", "inproc")
+
+
+Fraction = Annotated[float, Field(ge=0, le=1)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EngineConfig(_Section):
+    path: Path = Field(
+        description="engine directory (with manifest.json) from `codetr-stream compile`; "
+        "relative paths are relative to this file"
+    )
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        "auto", description="auto = the GPUs in `gpus` when CUDA is available, else the CPU path"
+    )
+    gpus: tuple[Annotated[int, Field(ge=0)], ...] = Field(
+        (0,), min_length=1, description="CUDA device ids; one engine worker per GPU"
+    )
+
+
+class BatchingConfig(_Section):
+    max_batch: int = Field(8, ge=1, le=64, description="largest batch sent to the engine")
+    max_wait_ms: float = Field(
+        10.0, ge=0, le=1000, description="how long a partial batch waits for more frames"
+    )
+
+
+class PublishConfig(_Section):
+    endpoint: str = Field(
+        "tcp://127.0.0.1:5555",
+        description="ZeroMQ PUB bind address (tcp://, ipc://); loopback unless you mean it",
+    )
+    sndhwm: int = Field(
+        1000, ge=1, description="messages queued per subscriber before ZeroMQ drops for it"
+    )
+    status_interval_s: float = Field(
+        1.0, gt=0, le=60, description="seconds between `status.<stream>` heartbeats"
+    )
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        scheme = value.partition("://")[0]
+        if scheme not in PUBLISH_SCHEMES or "://" not in value:
+            raise ValueError(f"use tcp://HOST:PORT or ipc:///path, not {redact(value)!r}")
+        return value
+
+
+class HealthConfig(_Section):
+    host: str = Field(
+        "127.0.0.1", description="HTTP bind address for /healthz, /metrics and snapshots"
+    )
+    port: int = Field(8090, ge=0, le=65535, description="HTTP port; 0 picks a free one")
+
+
+class SnapshotConfig(_Section):
+    enabled: bool = Field(True, description="serve /snapshot/<stream>.jpg (annotated latest frame)")
+    jpeg_quality: int = Field(80, ge=1, le=95, description="JPEG quality of snapshots")
+    max_width: int | None = Field(
+        1280, ge=64, description="downscale wider frames to this width; null keeps full size"
+    )
+
+
+class ReconnectConfig(_Section):
+    open_timeout_s: float = Field(10.0, gt=0, description="give up connecting after this long")
+    read_timeout_s: float = Field(5.0, gt=0, description="socket read timeout of the demuxer")
+    stall_timeout_s: float = Field(
+        10.0, gt=0, description="reconnect when no frame was decoded for this long (open, silent)"
+    )
+    backoff_initial_s: float = Field(0.5, gt=0, description="first wait before reconnecting")
+    backoff_max_s: float = Field(30.0, gt=0, description="longest wait between reconnects")
+    backoff_multiplier: float = Field(2.0, ge=1, description="wait grows by this after failures")
+    backoff_jitter: float = Field(
+        0.25, ge=0, le=1, description="random +/- fraction of each wait, so cameras don't sync up"
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ReconnectConfig:
+        if self.backoff_initial_s > self.backoff_max_s:
+            raise ValueError("backoff_initial_s must not exceed backoff_max_s")
+        return self
+
+
+class RoiConfig(_Section):
+    points: tuple[tuple[Fraction, Fraction], ...] = Field(
+        min_length=3,
+        description="polygon vertices [x, y] as fractions of frame width/height (0..1), "
+        "so the ROI survives a resolution change",
+    )
+    anchor: Literal["bottom_center", "center"] = Field(
+        "bottom_center",
+        description="box point tested against the polygon: bottom_center (where people and "
+        "vehicles touch the ground) or center",
+    )
+
+    @field_validator("points")
+    @classmethod
+    def _has_area(cls, points: tuple[tuple[float, float], ...]) -> tuple[tuple[float, float], ...]:
+        closed = zip(points, points[1:] + points[:1], strict=True)
+        if abs(sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in closed)) < 1e-9:  # shoelace
+            raise ValueError("the polygon has no area (points are collinear or repeated)")
+        return points
+
+
+class StreamConfig(_Section):
+    name: str = Field(
+        description="unique id: letters, digits, '_' and '-' (it becomes the ZeroMQ topic "
+        "det.<name> and a metrics label)",
+    )
+    url: str = Field(
+        repr=False,
+        description="rtsp://[user:pass@]host[:port]/path, rtsps://..., or file:///path (tests); "
+        "put passwords in ${ENV_VAR} references",
+    )
+    enabled: bool = Field(True, description="false keeps the entry but does not connect")
+    transport: Literal["tcp", "udp"] = Field(
+        "tcp", description="RTSP transport: tcp (robust through NAT and loss) or udp"
+    )
+    max_fps: float | None = Field(
+        None, gt=0, description="process at most this many frames per second; null = every frame"
+    )
+    classes: tuple[str | int, ...] | None = Field(
+        None, min_length=1, description="publish only these classes (names or ids); null = all"
+    )
+    min_score: float = Field(0.3, ge=0, le=1, description="drop detections scoring below this")
+    roi: RoiConfig | None = Field(None, description="publish only detections inside this polygon")
+
+    @field_validator("name")
+    @classmethod
+    def _topic_safe(cls, name: str) -> str:
+        if not STREAM_NAME.fullmatch(name):
+            raise ValueError(f"{name!r} is not a valid stream name (1-64 characters, no dots)")
+        return name
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if parts.scheme not in SOURCE_SCHEMES:
+            raise ValueError(f"unsupported scheme {parts.scheme!r}; use rtsp://, rtsps:// or file://")
+        if parts.scheme == "file" and not parts.path:
+            raise ValueError("a file:// URL needs a path, e.g. file:///videos/cam1.mp4")
+        if parts.scheme != "file" and not parts.hostname:
+            raise ValueError("no host in the URL; percent-encode '@', '/' and ':' in passwords")
+        return url
+
+    @field_validator("classes")
+    @classmethod
+    def _known_classes(cls, classes: tuple[str | int, ...] | None, info: ValidationInfo):
+        names = (info.context or {}).get("class_names")
+        if classes is not None and names is not None:
+            resolve_class_ids(classes, tuple(names))
+        return classes
+
+    @property
+    def safe_url(self) -> str:
+        """The URL with credentials masked: the only form that may be logged."""
+        return redact(self.url)
+
+
+class DaemonConfig(_Section):
+    engine: EngineConfig = Field(description="the compiled engine and where it runs")
+    batching: BatchingConfig = Field(BatchingConfig(), description="cross-camera batching")
+    publish: PublishConfig = Field(PublishConfig(), description="ZeroMQ output")
+    health: HealthConfig = Field(HealthConfig(), description="/healthz, /metrics and snapshots")
+    snapshot: SnapshotConfig = Field(SnapshotConfig(), description="annotated JPEG per stream")
+    reconnect: ReconnectConfig = Field(ReconnectConfig(), description="camera fault handling")
+    pid_file: Path | None = Field(
+        None, description="`run` writes its pid here so `codetr-stream reload` can signal it"
+    )
+    streams: tuple[StreamConfig, ...] = Field((), description="the cameras")
+
+    @field_validator("engine", "pid_file", mode="after")
+    @classmethod
+    def _relative_to_file(cls, value: Any, info: ValidationInfo) -> Any:
+        base = (info.context or {}).get("base_dir")
+        if base is None or value is None:
+            return value
+        if isinstance(value, EngineConfig):
+            return value.model_copy(update={"path": Path(base) / value.path})
+        return Path(base) / value
+
+    @field_validator("streams")
+    @classmethod
+    def _unique_names(cls, streams: tuple[StreamConfig, ...]) -> tuple[StreamConfig, ...]:
+        if dupes := _duplicates([s.name for s in streams]):
+            raise ValueError(f"duplicate stream names: {', '.join(d[0] for d in dupes)}")
+        return streams
+
+    @property
+    def enabled_streams(self) -> tuple[StreamConfig, ...]:
+        return tuple(s for s in self.streams if s.enabled)
+
+
+def _duplicates(names: list[Any]) -> list[tuple[str, int, int]]:
+    """(name, first index, repeated index) for each repeated string name."""
+    first: dict[str, int] = {}
+    out = []
+    for i, name in enumerate(names):
+        if isinstance(name, str) and name in first:
+            out.append((name, first[name], i))
+        elif isinstance(name, str):
+            first[name] = i
+    return out
+
+
+@lru_cache(maxsize=256)
+def resolve_class_ids(
+    classes: tuple[str | int, ...], class_names: tuple[str, ...]
+) -> frozenset[int]:
+    """Label ids for an allow-list of names and/or ids; ValueError names each unknown entry."""
+    ids, unknown = set(), []
+    lookup = {name: i for i, name in enumerate(class_names)}
+    for entry in classes:
+        if isinstance(entry, int):
+            (ids.add(entry) if 0 <= entry < len(class_names) else unknown.append(str(entry)))
+        elif entry in lookup:
+            ids.add(lookup[entry])
+        else:
+            close = difflib.get_close_matches(entry, class_names, n=1)
+            unknown.append(f"{entry!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    if unknown:
+        raise ValueError(
+            f"unknown classes {', '.join(unknown)}; use one of the model's {len(class_names)} "
+            f"class names or an id 0..{len(class_names) - 1}"
+        )
+    return frozenset(ids)
+
+
+# ---- loading: YAML with line numbers -> substitution -> validation -> ConfigError ----
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: str
+    line: int | None
+    field: str
+    message: str
+    hint: str = ""
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        what = f"{self.field}: {self.message}" if self.field else self.message
+        return f"{where}: {what}" + (f" (hint: {self.hint})" if self.hint else "")
+
+
+class ConfigError(Exception):
+    """Every problem found in a config file; str() is one `file:line: field: message` per line."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = tuple(problems)
+        super().__init__("\n".join(map(str, self.problems)))
+
+
+Path_ = tuple[str | int, ...]
+
+
+def _compose(text: str, file: str, problems: list[Problem]) -> tuple[Any, dict[Path_, int]]:
+    """The YAML document as Python data plus the line of every key and list item."""
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else None
+        problems.append(Problem(file, line, "", f"invalid YAML: {exc.problem}"))
+        return None, {}
+    finally:
+        loader.dispose()
+    lines: dict[Path_, int] = {(): 1}
+
+    def build(node: yaml.Node, path: Path_) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            loader.flatten_mapping(node)  # YAML merge keys (<<: *anchor)
+            out: dict[Any, Any] = {}
+            for key_node, value_node in node.value:
+                key = loader.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if key in out:
+                    problems.append(Problem(file, line, _dotted((*path, key)),
+                                            f"duplicate key (first on line {lines[(*path, key)]})"))
+                    continue
+                lines[(*path, key)] = line
+                out[key] = build(value_node, (*path, key))
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            items = []
+            for i, item in enumerate(node.value):
+                lines[(*path, i)] = item.start_mark.line + 1
+                items.append(build(item, (*path, i)))
+            return items
+        return loader.construct_object(node, deep=True)
+
+    return (build(root, ()) if root is not None else {}), lines
+
+
+def _substitute_all(data: Any, path: Path_, file: str, lines: dict[Path_, int],
+                    problems: list[Problem]) -> Any:
+    if isinstance(data, dict):
+        return {k: _substitute_all(v, (*path, k), file, lines, problems) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_substitute_all(v, (*path, i), file, lines, problems) for i, v in enumerate(data)]
+    if isinstance(data, str):
+        try:
+            return substitute(data)
+        except SecretError as exc:
+            problems.append(Problem(file, lines.get(path), _dotted(path), str(exc)))
+    return data
+
+
+def _dotted(path: Path_) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _inner_model(annotation: Any) -> type[BaseModel] | None:
+    if inspect.isclass(annotation) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        if found := _inner_model(arg):
+            return found
+    return None
+
+
+def _schema_at(path: Path_) -> tuple[type[BaseModel] | None, FieldInfo | None]:
+    """The model expected at `path` (None for a leaf) and the field that holds it."""
+    model: type[BaseModel] | None = DaemonConfig
+    info = None
+    for part in path:
+        if isinstance(part, int):
+            continue
+        if model is None or part not in model.model_fields:
+            return None, None
+        info = model.model_fields[part]
+        model = _inner_model(info.annotation)
+    return model, info
+
+
+def _problem(error: dict[str, Any], file: str, lines: dict[Path_, int]) -> Problem:
+    path: Path_ = ()
+    for part in error["loc"]:  # skip pydantic's union tags such as 'str' or 'function-after[...]'
+        if (*path, part) in lines:
+            path = (*path, part)
+    path_shown = (*path, error["loc"][-1]) if error["type"] == "missing" else path
+    message = "required, missing" if error["type"] == "missing" else error["msg"]
+    message = message.removeprefix("Value error, ")
+    hint = ""
+    if error["type"] == "extra_forbidden":
+        model, _ = _schema_at(path[:-1])
+        allowed = list(model.model_fields) if model else []
+        close = difflib.get_close_matches(str(path[-1]), allowed, n=1)
+        message = "unknown key"
+        hint = f"did you mean '{close[0]}'?" if close else f"allowed keys: {', '.join(allowed)}"
+    else:
+        _, info = _schema_at(path_shown)
+        hint = info.description or "" if info else ""
+    return Problem(file, lines.get(path), _dotted(path_shown), message, hint)
+
+
+def load_config(
+    path: str | Path, *, class_names: tuple[str, ...] | None = COCO_CLASSES
+) -> DaemonConfig:
+    """Read, substitute and validate a streams.yaml; raises ConfigError listing every problem.
+
+    `class_names` checks stream class allow-lists (COCO by default; pass the engine manifest's
+    names once it is loaded, or None to skip the check).
+    """
+    file = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError([Problem(file, None, "", f"cannot read: {exc.strerror}")]) from None
+    problems: list[Problem] = []
+    data, lines = _compose(text, file, problems)
+    if problems:
+        raise ConfigError(problems)
+    if not isinstance(data, dict):
+        raise ConfigError([Problem(file, 1, "", "the file must be a mapping of sections",
+                                   "start with `engine:` and `streams:`; see streams.yaml")])
+    data = _substitute_all(data, (), file, lines, problems)
+    raw_streams = data.get("streams") if isinstance(data.get("streams"), list) else []
+    names = [entry.get("name") if isinstance(entry, dict) else None for entry in raw_streams]
+    for name, first, index in _duplicates(names):  # here too, so they come with every other problem
+        line = lines.get(("streams", index, "name"))
+        problems.append(Problem(file, line, f"streams[{index}].name",
+                                f"duplicate stream name {name!r}", f"used by streams[{first}]"))
+    reported = {p.field for p in problems}
+    context = {"base_dir": Path(path).resolve().parent,
+               "class_names": tuple(class_names) if class_names else None}
+    try:
+        config = DaemonConfig.model_validate(data, context=context)
+    except ValidationError as exc:
+        found = [_problem(e, file, lines) for e in exc.errors(include_input=False)]
+        problems += [p for p in found if p.field not in reported
+                     and not (p.field == "streams" and p.message.startswith("duplicate"))]
+    if problems:
+        raise ConfigError(sorted(problems, key=lambda p: (p.line or 0, p.field)))
+    return config
+
+
+# ---- reload ----
+
+
+@dataclass(frozen=True)
+class ConfigDiff:
+    """What a reload changes. Streams are compared by name over the *enabled* ones, so turning a
+    stream off shows up as removed. `changed` holds the new versions; `reconnect` names the changed
+    streams whose source (url, transport) differs, the others only changed filters or fps.
+    `restart_required` names non-stream sections that differ: they take effect at restart only.
+    """
+
+    added: tuple[StreamConfig, ...]
+    removed: tuple[StreamConfig, ...]
+    changed: tuple[StreamConfig, ...]
+    reconnect: tuple[str, ...]
+    restart_required: tuple[str, ...]
+
+    @property
+    def empty(self) -> bool:
+        return not (self.added or self.removed or self.changed or self.restart_required)
+
+
+def diff(old: DaemonConfig, new: DaemonConfig) -> ConfigDiff:
+    before = {s.name: s for s in old.enabled_streams}
+    after = {s.name: s for s in new.enabled_streams}
+    changed = tuple(s for name, s in after.items() if name in before and before[name] != s)
+    return ConfigDiff(
+        added=tuple(s for name, s in after.items() if name not in before),
+        removed=tuple(s for name, s in before.items() if name not in after),
+        changed=changed,
+        reconnect=tuple(
+            s.name for s in changed
+            if (s.url, s.transport) != (before[s.name].url, before[s.name].transport)
+        ),
+        restart_required=tuple(
+            name for name in DaemonConfig.model_fields
+            if name != "streams" and getattr(old, name) != getattr(new, name)
+        ),
+    )  # fmt: skip

@@ -1,0 +1,90 @@
+"""Detections out: a ZeroMQ PUB socket that never blocks the inference loop.
+
+Messages are multipart `[topic, json]`. Topics end in `|` (TOPIC_END) because ZeroMQ filters by
+prefix: a SUB for `det.cam1|` must not receive `det.cam10|`. Stream names cannot contain `|`.
+
+- `det.<stream>|`: one FrameResult per processed frame.
+- `status.<stream>|`: one StreamStatus per stream every `publish.status_interval_s`.
+  Subscribe to `det.` for every stream's detections, `status.` for every heartbeat.
+
+A slow or absent subscriber cannot slow the daemon: PUB queues at most SNDHWM messages per
+subscriber and then drops *for that subscriber only*, inside ZeroMQ, without telling the sender;
+every other subscriber keeps getting everything. Every message carries `seq`, a per-topic counter,
+so a subscriber counts its own losses from the gaps (`subscribe()` does). Sends are non-blocking
+as well, so even a socket option that makes ZeroMQ refuse (instead of drop) cannot stall a caller:
+those refusals are counted in `refused`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+
+import zmq
+from codetr_stream.daemon.detections import FrameResult, StreamStatus
+
+TOPIC_END = "|"
+
+
+def detection_topic(stream: str) -> bytes:
+    return f"det.{stream}{TOPIC_END}".encode()
+
+
+def status_topic(stream: str) -> bytes:
+    return f"status.{stream}{TOPIC_END}".encode()
+
+
+class Publisher:
+    """Bound PUB socket; `publish` and `status` may be called from different threads."""
+
+    def __init__(self, endpoint: str, hwm: int = 1000, *, context: zmq.Context | None = None):
+        self._context = context or zmq.Context.instance()
+        self._socket = self._context.socket(zmq.PUB)
+        self._socket.setsockopt(zmq.SNDHWM, hwm)
+        self._socket.setsockopt(zmq.LINGER, 0)  # shutdown must not wait for slow subscribers
+        try:
+            self._socket.bind(endpoint)
+        except zmq.ZMQError as exc:
+            self._socket.close()
+            raise OSError(
+                f"cannot bind the ZeroMQ publisher to {endpoint}: {exc}; "
+                "set publish.endpoint to a free address"
+            ) from None
+        # The resolved address, e.g. the port picked for tcp://127.0.0.1:0 or tcp://127.0.0.1:*.
+        self.endpoint: str = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._lock = threading.Lock()
+        self._seq: defaultdict[bytes, int] = defaultdict(int)
+        self.sent = 0
+        self.refused = 0
+
+    def publish(self, result: FrameResult) -> bool:
+        """Send one frame's detections; stamps `publish_ns` and `seq`. False if refused."""
+        return self._send(detection_topic(result.stream), result)
+
+    def status(self, status: StreamStatus) -> bool:
+        """Send one stream's heartbeat; stamps `publish_ns` and `seq`. False if refused."""
+        return self._send(status_topic(status.stream), status)
+
+    def _send(self, topic: bytes, message: FrameResult | StreamStatus) -> bool:
+        with self._lock:
+            message.seq = self._seq[topic]
+            self._seq[topic] += 1
+            message.publish_ns = time.time_ns()
+            try:
+                self._socket.send_multipart([topic, message.to_json()], flags=zmq.NOBLOCK)
+            except zmq.Again:
+                self.refused += 1
+                return False
+            self.sent += 1
+            return True
+
+    def close(self) -> None:
+        with self._lock:
+            self._socket.close()
+
+    def __enter__(self) -> Publisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
