@@ -22,14 +22,14 @@ from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from .procstat import gpu_memory, sample_process
 
 __all__ = ["CONTENT_TYPE", "Metrics", "StreamMetrics"]
 
-CONTENT_TYPE = CONTENT_TYPE_LATEST
+# The classic text format: every Prometheus version and agent reads it, and our names are ASCII.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 PREFIX = "codetr_stream"
 # Seconds: 1 ms .. 5 s covers a CPU reference model and a GPU engine alike.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25,
