@@ -2,11 +2,16 @@
 
 Subscribers connect to one place and see every worker's `det.<stream>` and `status` messages
 unchanged (same topics, same payloads as a single daemon), and their subscriptions travel upstream
-to the workers, so each worker's PUB still filters at the source. Endpoints bind by default;
-`>tcp://host:port` connects instead (CZMQ's convention), so the proxy can either be the fixed point
-that workers connect to, or reach out to every worker itself. The forwarding loop runs inside
-libzmq (`zmq.proxy_steerable`); a control socket stops it cleanly, and an optional capture socket
-feeds a counter thread that reports the message rate.
+to the workers, so each worker's PUB still filters at the source.
+
+Which side binds: a worker binds its PUB (`publish.endpoint`, exactly as a lone daemon does) and
+the proxy connects to every worker (`>tcp://host:port`, CZMQ's prefix; plain endpoints bind). On
+Kubernetes the workers are a StatefulSet behind a headless Service, so worker i is the stable name
+codetr-stream-i.codetr-stream, which libzmq re-resolves on every reconnect when a pod moves. Because
+each proxy connects to all workers, every proxy replica carries the whole feed: two behind one
+ClusterIP Service give subscribers redundancy, which workers connecting to one proxy Service (one
+pod each) could not. The forwarding loop runs inside libzmq (`zmq.proxy_steerable`); a control
+socket stops it cleanly and an optional capture socket feeds a thread that reports the rate.
 """
 
 from __future__ import annotations
@@ -23,7 +28,15 @@ import zmq
 log = logging.getLogger(__name__)
 
 DEFAULT_FRONTEND = "tcp://127.0.0.1:5560"  # subscribers connect here (XPUB)
-DEFAULT_BACKEND = "tcp://127.0.0.1:5559"  # workers' PUB sockets connect here (XSUB)
+
+
+def expand_endpoints(specs: Sequence[str], replicas: int) -> list[str]:
+    """Each spec containing `{index}` once per worker 0..replicas-1, e.g. the StatefulSet pods
+    `>tcp://codetr-stream-{index}.codetr-stream:5556`; other specs unchanged."""
+    out: list[str] = []
+    for spec in specs:
+        out += [spec.format(index=i) for i in range(replicas)] if "{index}" in spec else [spec]
+    return out
 
 
 def attach(sock: zmq.Socket, spec: str) -> str:
@@ -61,8 +74,8 @@ class Proxy:
 
     def __init__(
         self,
-        frontend: Sequence[str] = (DEFAULT_FRONTEND,),
-        backend: Sequence[str] = (DEFAULT_BACKEND,),
+        frontend: Sequence[str],
+        backend: Sequence[str],
         *,
         hwm: int = 10_000,
         stats_interval: float = 0.0,
@@ -93,6 +106,10 @@ class Proxy:
         sock.setsockopt(zmq.SNDHWM, hwm)
         sock.setsockopt(zmq.RCVHWM, hwm)
         sock.setsockopt(zmq.LINGER, 0)
+        # ZMTP heartbeats: a worker whose node vanished (no FIN, no RST) is noticed within
+        # seconds and reconnected, re-resolving its DNS name to the rescheduled pod's address.
+        sock.setsockopt(zmq.HEARTBEAT_IVL, 5_000)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 15_000)
         return sock
 
     def start(self) -> Proxy:

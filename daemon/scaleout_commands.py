@@ -36,8 +36,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--frontend", action="append", metavar="ENDPOINT",
                    help="where subscribers connect (XPUB); default tcp://127.0.0.1:5560")
-    p.add_argument("--backend", action="append", metavar="ENDPOINT",
-                   help="where workers publish (XSUB); default tcp://127.0.0.1:5559; repeatable")
+    p.add_argument("--backend", action="append", metavar="ENDPOINT", required=True,
+                   help="a worker's publish endpoint to connect to ('>tcp://host:5555'), or "
+                   "an address to bind for publishers that connect (XSUB); repeatable")
+    p.add_argument("--replicas", type=int, metavar="N",
+                   help="expand '{index}' in --backend to 0..N-1 (default: $CODETR_SHARD_REPLICAS)")
     p.add_argument("--hwm", type=int, default=10_000, help="high-water mark per socket, messages")
     p.add_argument("--stats-interval", type=float, default=10.0, metavar="S",
                    help="log the message rate every S seconds (0: off, no capture overhead)")
@@ -45,15 +48,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _stream_names(path: Path) -> list[str]:
-    """Stream names from streams.yaml (only the names: sharding needs nothing else)."""
-    import yaml
+    """The enabled streams' names, validated exactly as a worker validates the file at start."""
+    from codetr_stream.daemon.config import ConfigError, load_config
 
     try:
-        doc = yaml.safe_load(path.read_text())
-        return [str(entry["name"]) for entry in doc["streams"]]
-    except (OSError, yaml.YAMLError, KeyError, TypeError) as exc:
-        raise SystemExit(f"{path}: cannot read stream names ({exc}); "
-                         f"run `codetr-stream check-config {path}`") from None
+        return [stream.name for stream in load_config(path).enabled_streams]
+    except ConfigError as exc:
+        raise SystemExit(f"{exc}\n{path}: fix the errors above; workers would refuse it") from None
 
 
 def shard_command(args: argparse.Namespace) -> int:
@@ -81,10 +82,16 @@ def shard_command(args: argparse.Namespace) -> int:
 
 
 def proxy_command(args: argparse.Namespace) -> int:
-    from codetr_stream.daemon.proxy import DEFAULT_BACKEND, DEFAULT_FRONTEND, Proxy
+    from codetr_stream.daemon.proxy import (
+        DEFAULT_FRONTEND,
+        Proxy,
+        expand_endpoints,
+    )
 
     try:
-        proxy = Proxy(args.frontend or [DEFAULT_FRONTEND], args.backend or [DEFAULT_BACKEND],
+        replicas = shard.resolve_shard(0, args.replicas).replicas
+        backend = expand_endpoints(args.backend, replicas)
+        proxy = Proxy(args.frontend or [DEFAULT_FRONTEND], backend,
                       hwm=args.hwm, stats_interval=args.stats_interval)
     except ValueError as exc:
         log.error("proxy: %s", exc)

@@ -13,6 +13,7 @@ from collections import Counter
 import pytest
 
 zmq = pytest.importorskip("zmq")
+from codetr_stream.daemon.publish import detection_topic, status_topic  # noqa: E402
 
 PER_WORKER = 2000
 
@@ -99,20 +100,20 @@ def collect(sub, expected: int, quiet_s: float = 1.0) -> list[tuple[bytes, dict]
 
 def test_two_workers_reach_one_subscriber_exactly_once(proxy, ports, context) -> None:
     workers = make_workers(context, ports)
-    sub = make_subscriber(context, ports, b"det.", b"status")
-    wait_until_joined(workers, sub, b"status")
+    sub = make_subscriber(context, ports, b"det.", b"status.")
+    wait_until_joined(workers, sub, status_topic("hello"))
     payload_pad = "x" * 1500  # about one busy frame's detections
     for seq in range(PER_WORKER):
         for w, pub in enumerate(workers):
             stream = f"w{w}cam{seq % 4}"
-            pub.send_multipart([f"det.{stream}\x00".encode(),
+            pub.send_multipart([detection_topic(stream),
                                 json.dumps({"stream": stream, "frame": seq, "pad": payload_pad})
                                 .encode()])
     got = collect(sub, 2 * PER_WORKER)
     keys = Counter((msg["stream"], msg["frame"]) for _, msg in got)
     assert len(keys) == 2 * PER_WORKER, f"{2 * PER_WORKER - len(keys)} messages lost"
     assert max(keys.values()) == 1, "a message arrived twice"
-    assert all(topic == f"det.{msg['stream']}\x00".encode() for topic, msg in got)
+    assert all(topic == detection_topic(msg["stream"]) for topic, msg in got)
     # Per stream the order a worker published in is the order the subscriber sees.
     for stream in {msg["stream"] for _, msg in got}:
         frames = [msg["frame"] for _, msg in got if msg["stream"] == stream]
@@ -128,12 +129,12 @@ def test_subscriptions_filter_through_the_proxy(proxy, ports, context) -> None:
     """XSUB forwards nothing it has no subscription for: anything at all arriving means the
     subscription travelled upstream to both workers; the terminator keeps cam10 out of cam1."""
     workers = make_workers(context, ports)
-    sub = make_subscriber(context, ports, b"det.cam1\x00", b"status")
-    wait_until_joined(workers, sub, b"status")
+    sub = make_subscriber(context, ports, detection_topic("cam1"), b"status.")
+    wait_until_joined(workers, sub, status_topic("hello"))
     for i in range(50):
         for w, pub in enumerate(workers):
             for stream in ("cam1", "cam10", "cam2"):
-                pub.send_multipart([f"det.{stream}\x00".encode(),
+                pub.send_multipart([detection_topic(stream),
                                     json.dumps({"stream": stream, "frame": i, "w": w}).encode()])
     got = collect(sub, 100)
     assert {msg["stream"] for _, msg in got} == {"cam1"}

@@ -101,7 +101,7 @@ def test_bad_shard_settings_say_what_to_fix(index, replicas, env, message) -> No
 def test_shard_command_prints_the_assignment(tmp_path) -> None:
     config = tmp_path / "streams.yaml"
     names = [f"cam{i}" for i in range(20)]
-    config.write_text("streams:\n" + "".join(
+    config.write_text("engine: {path: engines/tiny}\nstreams:\n" + "".join(
         f"  - name: {n}\n    url: rtsp://127.0.0.1:8554/{n}\n" for n in names))
     cmd = [sys.executable, "-m", "codetr_stream.daemon.cli", "shard", str(config)]
     out = json.loads(subprocess.run([*cmd, "--replicas", "3", "--from-replicas", "2", "--json"],
@@ -111,3 +111,7 @@ def test_shard_command_prints_the_assignment(tmp_path) -> None:
     text = subprocess.run([*cmd, "--replicas", "2"], capture_output=True, text=True,
                           check=True).stdout
     assert "worker 1:" in text
+    config.write_text("engine: {path: e}\nstreams:\n  - {name: cam.1, url: rtsp://h/x}\n")
+    bad = subprocess.run([*cmd, "--replicas", "2"], capture_output=True, text=True)
+    assert bad.returncode != 0
+    assert f"{config}:3: streams[0].name" in bad.stderr
