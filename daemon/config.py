@@ -40,6 +40,8 @@ __all__ = [
 STREAM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 SOURCE_SCHEMES = ("rtsp", "rtsps", "file")
 PUBLISH_SCHEMES = ("tcp", "ipc", "inproc")
+SECRET_HINT = ("export the variable, or provide a systemd credential (LoadCredential=) or Docker "
+               "secret file of that name")
 
 
 Fraction = Annotated[float, Field(ge=0, le=1)]
@@ -348,7 +350,7 @@ def _substitute_all(data: Any, path: Path_, file: str, lines: dict[Path_, int],
         try:
             return substitute(data)
         except SecretError as exc:
-            problems.append(Problem(file, lines.get(path), _dotted(path), str(exc)))
+            problems.append(Problem(file, lines.get(path), _dotted(path), str(exc), SECRET_HINT))
     return data
 
 
@@ -436,7 +438,11 @@ def load_config(
     try:
         config = DaemonConfig.model_validate(data, context=context)
     except ValidationError as exc:
-        found = [_problem(e, file, lines) for e in exc.errors(include_input=False)]
+        errors = exc.errors(include_input=False)
+        # An invalid item also makes its tuple "too short"; only the item's error is news.
+        deeper = {e["loc"][:n] for e in errors for n in range(len(e["loc"]))}
+        found = [_problem(e, file, lines) for e in errors
+                 if not (e["type"] == "too_short" and e["loc"] in deeper)]
         problems += [p for p in found if p.field not in reported
                      and not (p.field == "streams" and p.message.startswith("duplicate"))]
     if problems:

@@ -62,8 +62,7 @@ def _lookup(name: str) -> str:
         if path.is_file():
             return _read_secret_file(path, name)
     raise SecretError(
-        f"${{{name}}} is not set: export {name}=..., or provide it as a systemd credential "
-        f"(LoadCredential) or Docker secret file named {name}"
+        f"${{{name}}} is not set (looked in the environment, $CREDENTIALS_DIRECTORY, /run/secrets)"
     )
 
 
@@ -76,17 +75,26 @@ def _read_secret_file(path: Path, name: str) -> str:
 
 
 def substitute(text: str) -> str:
-    """`text` with every `${...}` reference replaced; raises SecretError naming a missing one."""
+    """`text` with every `${...}` reference replaced; SecretError names every missing one."""
+
+    errors: list[str] = []
 
     def replace(match: re.Match[str]) -> str:
         if match.group(0) == "$${":
             return "${"
-        value = _lookup(match.group(1))
+        try:
+            value = _lookup(match.group(1))
+        except SecretError as exc:
+            errors.append(str(exc))
+            return ""
         if len(value) >= MIN_REDACTED_LENGTH:
             _known_secrets.add(value)
         return value
 
-    return _REFERENCE.sub(replace, text)
+    result = _REFERENCE.sub(replace, text)
+    if errors:
+        raise SecretError("; ".join(errors))
+    return result
 
 
 def redact(text: str) -> str:

@@ -1,0 +1,182 @@
+"""The service-side subcommands: `run`, `check-config`, `reload` and `subscribe`.
+
+`run` validates the config exactly like `check-config` and refuses to start on any problem, so a
+bad edit never takes the cameras down. `reload` asks a running daemon to re-read its config with
+SIGHUP, after checking the new file first (the daemon would reject it anyway and keep running
+the old one, but the operator sees why right here):
+
+- under systemd: `codetr-stream reload --systemd` (= `systemctl reload codetr-stream`, whose
+  ExecReload sends SIGHUP to the main pid);
+- elsewhere: set `pid_file:` in streams.yaml; `run` writes its pid there and removes it on exit,
+  and `reload --config streams.yaml` signals that pid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
+DEFAULT_UNIT = "codetr-stream"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("run", help="run the detection daemon",
+                              description="Read cameras, detect, publish on ZeroMQ.")
+    p.add_argument("--config", type=Path, default=Path("streams.yaml"), help="streams.yaml")
+    p.set_defaults(handler=run_command)
+
+    p = subparsers.add_parser("check-config", help="validate a streams.yaml",
+                              description="Print every problem as file:line: field: message "
+                              "(hint); exit 1 if there is any, else print a summary.")
+    p.add_argument("file", type=Path)
+    p.set_defaults(handler=check_config_command)
+
+    p = subparsers.add_parser("reload", help="make the running daemon re-read its config",
+                              description="Validate the config, then send SIGHUP to the daemon.")
+    p.add_argument("--config", type=Path, default=Path("streams.yaml"),
+                   help="the daemon's streams.yaml (checked first; its pid_file is signalled)")
+    p.add_argument("--systemd", nargs="?", const=DEFAULT_UNIT, metavar="UNIT",
+                   help=f"use `systemctl reload UNIT` (default unit: {DEFAULT_UNIT})")
+    p.set_defaults(handler=reload_command)
+
+    p = subparsers.add_parser("subscribe", help="print published messages as JSON lines",
+                              description="Connect to a daemon's ZeroMQ publisher and print one "
+                              "JSON object per message.")
+    p.add_argument("--endpoint", default=DEFAULT_ENDPOINT, help=f"default {DEFAULT_ENDPOINT}")
+    p.add_argument("--stream", action="append", metavar="NAME",
+                   help="only this stream (repeatable); default all")
+    p.add_argument("--status", action="store_true",
+                   help="print the per-stream heartbeats instead of detections")
+    p.add_argument("--count", type=int, metavar="N", help="exit 0 after N messages")
+    p.add_argument("--timeout", type=float, metavar="S",
+                   help="exit 1 when nothing arrives for S seconds")
+    p.set_defaults(handler=subscribe_command)
+
+
+def _load(path: Path):
+    """The config, or None after printing every problem to stderr."""
+    from codetr_stream.daemon.config import ConfigError, load_config
+
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        print(f"{path}: {len(exc.problems)} problem(s)", file=sys.stderr)
+        return None
+
+
+def check_config_command(args: argparse.Namespace) -> int:
+    config = _load(args.file)
+    if config is None:
+        return 1
+    enabled = config.enabled_streams
+    print(f"{args.file}: OK")
+    print(f"engine: {config.engine.path} (device {config.engine.device}, "
+          f"gpus {list(config.engine.gpus)})")
+    print(f"batching: max_batch {config.batching.max_batch}, "
+          f"max_wait_ms {config.batching.max_wait_ms:g}")
+    print(f"publish: {config.publish.endpoint} (sndhwm {config.publish.sndhwm})")
+    print(f"health: http://{config.health.host}:{config.health.port}/healthz")
+    print(f"streams: {len(enabled)} enabled of {len(config.streams)}")
+    for stream in config.streams:
+        classes = ",".join(map(str, stream.classes)) if stream.classes else "all"
+        state = "" if stream.enabled else " [disabled]"
+        print(f"  {stream.name}: {stream.safe_url} ({stream.transport}, classes {classes}, "
+              f"min_score {stream.min_score:g}{', roi' if stream.roi else ''}){state}")
+    return 0
+
+
+@contextlib.contextmanager
+def _pid_file(path: Path | None) -> Iterator[None]:
+    if path is None:
+        yield
+        return
+    path.write_text(f"{os.getpid()}\n")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            if path.read_text().strip() == str(os.getpid()):
+                path.unlink()
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from codetr_stream.daemon.secrets import install_log_redaction
+
+    install_log_redaction()
+    config = _load(args.config)
+    if config is None:
+        print(f"{args.config}: refusing to start", file=sys.stderr)
+        return 1
+    from codetr_stream.daemon import service
+
+    with _pid_file(config.pid_file):
+        return int(service.run(config) or 0)
+
+
+def _daemon_pid(pid_file: Path) -> int:
+    """The pid in `pid_file`, checked to be a live codetr-stream process (pids get reused)."""
+    try:
+        pid = int(pid_file.read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        raise ProcessLookupError(f"{pid_file}: no running daemon (start it with `run`)") from None
+    except ValueError:
+        raise ProcessLookupError(f"{pid_file}: does not hold a pid") from None
+    if b"codetr" not in cmdline:
+        raise ProcessLookupError(f"{pid_file}: pid {pid} is not codetr-stream (stale pid file)")
+    return pid
+
+
+def reload_command(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        print(f"{args.config}: not reloading; the daemon keeps its current config",
+              file=sys.stderr)
+        return 1
+    if args.systemd:
+        return subprocess.run(["systemctl", "reload", args.systemd], check=False).returncode
+    if config.pid_file is None:
+        print(f"{args.config}: no pid_file set; add `pid_file: /run/codetr-stream/pid` (or use "
+              "--systemd)", file=sys.stderr)
+        return 1
+    try:
+        pid = _daemon_pid(config.pid_file)
+        os.kill(pid, signal.SIGHUP)
+    except (ProcessLookupError, PermissionError) as exc:
+        print(f"cannot signal the daemon: {exc}", file=sys.stderr)
+        return 1
+    print(f"sent SIGHUP to codetr-stream (pid {pid})")
+    return 0
+
+
+def subscribe_command(args: argparse.Namespace) -> int:
+    from codetr_stream.daemon.subscribe import Subscription
+
+    received = 0
+    reported: dict[str, int] = {}
+    with Subscription(args.endpoint, args.stream, status=args.status) as subscription:
+        while args.count is None or received < args.count:
+            message = subscription.receive(args.timeout)
+            if message is None:
+                print(f"no message from {args.endpoint} for {args.timeout:g} s", file=sys.stderr)
+                return 1
+            try:
+                print(json.dumps(message, separators=(",", ":")), flush=True)
+            except BrokenPipeError:  # `... | head` closed the pipe: a normal way to stop
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                return 0
+            received += 1
+            for topic, missed in subscription.missed.items():
+                if missed != reported.get(topic, 0):
+                    print(f"{topic}: {missed} message(s) missed so far", file=sys.stderr)
+                    reported[topic] = missed
+    return 0
