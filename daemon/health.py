@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .detections import Detection
 from .metrics import CONTENT_TYPE, Metrics
+from .secrets import redact
 
 __all__ = ["HealthServer", "Liveness", "SnapshotStore", "annotate"]
 
@@ -205,7 +206,8 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/healthz":
             ok, body = self.server.liveness.report(self.server.metrics.last_frame_ages())
             status = HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE
-            self._send(status, "application/json", json.dumps(body).encode())
+            # Stream details come from camera errors too: mask any credential that slipped in.
+            self._send(status, "application/json", redact(json.dumps(body)).encode())
         elif path == "/metrics":
             self._send(HTTPStatus.OK, CONTENT_TYPE, self.server.metrics.render())
         elif match := _SNAPSHOT_PATH.fullmatch(path):

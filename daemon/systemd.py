@@ -12,6 +12,8 @@ import socket
 import time
 from collections.abc import Callable
 
+from .secrets import redact
+
 __all__ = [
     "WatchdogPolicy",
     "notify",
@@ -24,11 +26,12 @@ __all__ = [
 
 
 def _clean(message: str) -> str:
-    # A newline inside a value would start a new assignment (e.g. a forged READY=1).
+    # A newline inside a value would start a new assignment (e.g. a forged READY=1), and
+    # STATUS shows in `systemctl status` and the journal: credentials are masked.
     key, sep, value = message.partition("=")
     if not sep or not key:
         raise ValueError(f"sd_notify message must be KEY=value, got {message!r}")
-    return f"{key}={' '.join(value.split())}"
+    return f"{key}={redact(' '.join(value.split()))}"
 
 
 def notify(*messages: str) -> bool:

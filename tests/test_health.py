@@ -105,6 +105,8 @@ def test_healthz_reports_each_stream_with_its_frame_age(service: Service) -> Non
     assert streams["cam1"] == {"state": "streaming", "width": 1920, "height": 1080,
                                "last_frame_age_s": 2.0}
     assert streams["cam2"]["state"] == "reconnecting" and streams["cam2"]["attempt"] == 3
+    service.liveness.set_stream("cam2", "reconnecting", error="401 from rtsp://admin:hunter2@cam")
+    assert b"hunter2" not in service.get("/healthz")[2]
     service.liveness.remove_stream("cam2")
     assert "cam2" not in json.loads(service.get("/healthz")[2])["streams"]
 

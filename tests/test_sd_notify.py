@@ -72,6 +72,11 @@ def test_a_newline_in_a_status_cannot_forge_another_message(receiver: Receiver) 
     assert receiver.messages() == ["STATUS=camera said: READY=1"]
 
 
+def test_credentials_in_a_status_are_masked(receiver: Receiver) -> None:
+    systemd.status("cam1: cannot open rtsp://admin:hunter2@10.0.0.7/live")
+    assert receiver.messages() == ["STATUS=cam1: cannot open rtsp://***@10.0.0.7/live"]
+
+
 def test_without_notify_socket_it_is_a_noop(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
     assert systemd.ready() is False
