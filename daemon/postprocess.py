@@ -3,8 +3,9 @@
 Runs on whatever device the engine's outputs live on (pure torch), and reads back to the host
 once per frame, after the last filter. The NMS is the official test-time one (model_facts.md §8):
 class-aware hard NMS with IoU 0.8 over the score-thresholded top-K, as the reference inferencer
-does with `torchvision.ops.batched_nms`. It is written here in torch so the daemon does not depend
-on torchvision; tests check both agree where torchvision is installed.
+does with `torchvision.ops.batched_nms`. That kernel is used when torchvision imports (the GPU
+machine has it); otherwise a pure-torch version runs, so the daemon does not depend on
+torchvision. Tests check both agree where torchvision is installed.
 
 Order matters only for the ROI: the class allow-list may go before NMS (class-aware NMS never lets
 one class suppress another), but the ROI filter comes after it, so a box outside the ROI still
@@ -13,7 +14,8 @@ suppresses its duplicate inside, exactly as if the frame had been cropped after 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 
 import torch
 from codetr_stream.daemon.config import StreamConfig, resolve_class_ids
@@ -34,7 +36,25 @@ def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return inter / (area_a[:, None] + area_b[None, :] - inter)
 
 
+@functools.cache
+def _torchvision_batched_nms() -> Callable[..., torch.Tensor] | None:
+    try:
+        from torchvision.ops import batched_nms
+    except (ImportError, RuntimeError):  # absent, or built for another torch
+        return None
+    return batched_nms
+
+
 def batched_nms(
+    boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, iou_threshold: float
+) -> torch.Tensor:
+    """Class-aware greedy NMS: torchvision's kernel when importable, else `batched_nms_torch`."""
+    if (kernel := _torchvision_batched_nms()) is not None:
+        return kernel(boxes, scores, labels, iou_threshold)
+    return batched_nms_torch(boxes, scores, labels, iou_threshold)
+
+
+def batched_nms_torch(
     boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, iou_threshold: float
 ) -> torch.Tensor:
     """Indices kept by class-aware greedy NMS, by decreasing score (as torchvision's).
