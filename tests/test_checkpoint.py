@@ -1,0 +1,77 @@
+"""Checkpoint loading is strict, names what is wrong, and ignores only training-only heads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from codetr_stream.compile import build_model
+from codetr_stream.compile.checkpoint import CheckpointError
+
+
+@pytest.fixture(scope="module")
+def config(data_dir: Path) -> dict:
+    return json.loads((data_dir / "tiny_config.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def checkpoint(data_dir: Path) -> dict:
+    return torch.load(data_dir / "tiny_codino.pth", map_location="cpu", weights_only=True)
+
+
+def save_edited(checkpoint: dict, path: Path, edit) -> Path:
+    state = dict(checkpoint["state_dict"])
+    edit(state)
+    torch.save({"meta": checkpoint["meta"], "state_dict": state}, path)
+    return path
+
+
+def test_loads_weights_and_class_names(config, checkpoint, data_dir: Path) -> None:
+    model = build_model(config, data_dir / "tiny_codino.pth")
+    assert model.class_names[:3] == ["person", "bicycle", "car"] and len(model.class_names) == 80
+    key = "query_head.transformer.level_embeds"
+    assert torch.equal(model.state_dict()[key], checkpoint["state_dict"][key])
+    assert not model.training
+
+
+def test_training_only_heads_are_ignored(config, checkpoint, tmp_path: Path) -> None:
+    def add_extras(state: dict) -> None:
+        for key in ("query_head.dn_generator.label_embedding.weight", "rpn_head.rpn_conv.weight",
+                    "roi_head.0.bbox_head.fc_cls.weight", "bbox_head.0.atss_cls.weight"):
+            state[key] = torch.zeros(2, 2)
+
+    build_model(config, save_edited(checkpoint, tmp_path / "extra.pth", add_extras))
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda s: s.pop("neck.convs.0.gn.bias"), r"missing keys \(1\): neck.convs.0.gn.bias"),
+    (lambda s: s.__setitem__("query_head.extra.weight", torch.zeros(1)),
+     r"unexpected keys \(1\): query_head.extra.weight"),
+    (lambda s: s.__setitem__("query_head.transformer.query_embed.weight", torch.zeros(900, 64)),
+     r"query_head.transformer.query_embed.weight \(900, 64\) != model \(100, 64\)"),
+])
+def test_mismatched_checkpoints_name_the_keys(config, checkpoint, tmp_path: Path, edit,
+                                              message) -> None:
+    path = save_edited(checkpoint, tmp_path / "bad.pth", edit)
+    with pytest.raises(CheckpointError, match=message):
+        build_model(config, path)
+
+
+def test_truncated_file_names_the_file(config, data_dir: Path, tmp_path: Path) -> None:
+    path = tmp_path / "truncated.pth"
+    data = (data_dir / "tiny_codino.pth").read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"truncated\.pth: cannot read checkpoint"):
+        build_model(config, path)
+    with pytest.raises(CheckpointError, match="not found"):
+        build_model(config, tmp_path / "absent.pth")
+
+
+def test_class_count_must_match_the_config(config, checkpoint, tmp_path: Path) -> None:
+    path = tmp_path / "classes.pth"
+    torch.save({"meta": {"dataset_meta": {"classes": ["a", "b"]}},
+                "state_dict": checkpoint["state_dict"]}, path)
+    with pytest.raises(CheckpointError, match="2 names, the model config has 80 classes"):
+        build_model(config, path)
