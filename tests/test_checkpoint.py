@@ -51,7 +51,7 @@ def test_training_only_heads_are_ignored(config, checkpoint, tmp_path: Path) -> 
      r"unexpected keys \(1\): query_head.extra.weight"),
     (lambda s: s.__setitem__("query_head.transformer.query_embed.weight", torch.zeros(900, 64)),
      r"query_head.transformer.query_embed.weight \(900, 64\) != model \(100, 64\)"),
-])
+], ids=["missing", "unexpected", "shape"])
 def test_mismatched_checkpoints_name_the_keys(config, checkpoint, tmp_path: Path, edit,
                                               message) -> None:
     path = save_edited(checkpoint, tmp_path / "bad.pth", edit)

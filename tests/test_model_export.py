@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from codetr_stream.compile import build_model
 
 
+@pytest.mark.slow
 def test_static_export_of_tiny_equals_eager(data_dir: Path) -> None:
     config = json.loads((data_dir / "tiny_config.json").read_text())
     model = build_model(config, data_dir / "tiny_codino.pth")
