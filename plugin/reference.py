@@ -23,6 +23,13 @@ def ms_deform_attn_reference(
     weights (B,Q,H,L,P) -> output (B,Q,H*D)."""
     batch, _, heads, dim = value.shape
     _, queries, _, levels, points, _ = sampling_locations.shape
+    # grid_sample needs one dtype: compute in the widest input dtype, answer in value's.
+    out_dtype = value.dtype
+    dtype = torch.promote_types(value.dtype, sampling_locations.dtype)
+    dtype = torch.promote_types(dtype, attention_weights.dtype)
+    value = value.to(dtype)
+    sampling_locations = sampling_locations.to(dtype)
+    attention_weights = attention_weights.to(dtype)
     shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
     starts = [int(s) for s in level_start_index.tolist()]
     grids = 2 * sampling_locations - 1
@@ -34,10 +41,12 @@ def ms_deform_attn_reference(
         # (B,Q,H,P,2) -> (B*H, Q, P, 2)
         grid_l = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
         sampled.append(
-            F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False)
+            F.grid_sample(
+                value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False
+            )
         )
     # (B*H, D, Q, L*P) weighted by (B*H, 1, Q, L*P)
     stacked = torch.stack(sampled, dim=-2).flatten(-2)
     weights = attention_weights.transpose(1, 2).reshape(batch * heads, 1, queries, levels * points)
     output = (stacked * weights).sum(-1).view(batch, heads * dim, queries)
-    return output.transpose(1, 2).contiguous()
+    return output.transpose(1, 2).to(out_dtype).contiguous()
