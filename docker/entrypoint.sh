@@ -37,7 +37,7 @@ if [ ! -f "$engine/manifest.json" ]; then
     if [ -z "${CODETR_STREAM_COMPILE_ARGS:-}" ]; then
         echo "entrypoint: no engine at $engine (engine.path in $config). Mount a directory" \
              "built by \`codetr-stream compile\` there, or set CODETR_STREAM_COMPILE_ARGS" \
-             "(e.g. \"--backend inductor --checkpoint /models/co_dino.pth\") to build it" \
+             "(e.g. \"--backend inductor --weights /models/co_dino_swin_l.pth\") to build it" \
              "on first start." >&2
         exit 2
     fi

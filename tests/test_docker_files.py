@@ -10,8 +10,12 @@ import json
 import os
 import re
 import shlex
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -105,6 +109,50 @@ def test_entrypoint_passes_other_commands_through(tmp_path: Path) -> None:
     result = run_entrypoint("check-config", str(config), tmp=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "cam1" in result.stdout
+
+
+@pytest.mark.slow
+def test_entrypoint_builds_the_engine_on_first_start_then_serves(tmp_path: Path) -> None:
+    """The first-start path for real: compile (tiny model, CPU) into the state folder, then
+    exec the daemon, which turns healthy and exits 0 on SIGTERM (it is the process we started).
+    """
+    port = free_port()
+    config = write_config(tmp_path, f"  device: cpu\nhealth:\n  port: {port}\n")
+    compile_args = (f"--config {ROOT / 'tests/data/tiny_config.json'} --random-weights "
+                    "--backend eager --precision fp32 --batch 1 --size 64x64 --device cpu")
+    environ = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}",
+               "CODETR_STREAM_COMPILE_ARGS": compile_args}
+    daemon = subprocess.Popen(["sh", str(ENTRYPOINT), "run", "--config", str(config)],
+                              cwd=tmp_path, env=environ, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}/healthz"
+        deadline = time.monotonic() + 240
+        while not healthy(url):
+            assert daemon.poll() is None, daemon.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "not healthy within 240 s"
+            time.sleep(0.5)
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=10) == 0
+    finally:
+        daemon.kill()
+        daemon.communicate()
+    assert (tmp_path / "engines" / "tiny" / "manifest.json").is_file()
+    assert not (tmp_path / "engines" / "tiny.partial").exists()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:  # refused before the server starts, HTTPError 503 while starting
+        return False
 
 
 def healthcheck_command() -> list[str]:
