@@ -1,0 +1,297 @@
+"""The daemon: sources -> slots -> batcher -> runner -> postprocess -> publisher, and its life.
+
+`run(config)` starts everything, serves until SIGTERM/SIGINT (or `stop_event`), and shuts down
+cleanly: intake stops, the batch in flight is published, sockets close. SIGHUP re-reads the config
+file and applies the difference stream by stream; the engine and the untouched streams (and
+their frame indexes) carry on as if nothing happened. One main thread does batching, inference,
+postprocessing, publishing and the per-stream heartbeats; each camera has its own thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from codetr_stream.daemon import systemd
+from codetr_stream.daemon.batcher import Batcher
+from codetr_stream.daemon.config import (
+    ConfigError,
+    DaemonConfig,
+    ReconnectConfig,
+    StreamConfig,
+    diff,
+    load_config,
+)
+from codetr_stream.daemon.detections import FrameResult, StreamStatus
+from codetr_stream.daemon.frames import Frame, FrameSlots
+from codetr_stream.daemon.health import HealthServer, Liveness, SnapshotStore
+from codetr_stream.daemon.metrics import Metrics
+from codetr_stream.daemon.postprocess import postprocess
+from codetr_stream.daemon.preprocess import frame_rgb
+from codetr_stream.daemon.publish import Publisher
+from codetr_stream.daemon.runner import BatchOutput, Runner
+from codetr_stream.daemon.source import Backoff, Source, SourceSettings
+
+log = logging.getLogger(__name__)
+
+OnResult = Callable[[Frame, FrameResult], None]
+JOIN_TIMEOUT_S = 3.0  # sources blocked in a read longer than this die with the process
+WATCHDOG_STALL_S = 30.0
+
+
+def select_device(config: DaemonConfig) -> torch.device:
+    """cuda:<first gpu> when asked for (or `auto` and CUDA is there), else the CPU path."""
+    wanted = config.engine.device
+    if wanted == "cpu" or (wanted == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("engine.device is 'cuda' but no CUDA GPU is visible; "
+                           "set engine.device: cpu (or auto)")
+    return torch.device("cuda", config.engine.gpus[0])
+
+
+def source_settings(stream: StreamConfig, reconnect: ReconnectConfig) -> SourceSettings:
+    return SourceSettings(
+        name=stream.name, url=stream.url, transport=stream.transport, max_fps=stream.max_fps,
+        open_timeout=reconnect.open_timeout_s, read_timeout=reconnect.read_timeout_s,
+        stall_timeout=reconnect.stall_timeout_s,
+        backoff=Backoff(reconnect.backoff_initial_s, reconnect.backoff_max_s,
+                        reconnect.backoff_multiplier, reconnect.backoff_jitter))
+
+
+@dataclass
+class _Stream:
+    """A live stream: its config (filters may change on reload), source and output counters."""
+
+    config: StreamConfig
+    source: Source
+    published: int = 0
+    published_at_tick: int = 0
+    dropped_at_tick: int = 0
+    fps_out: float = 0.0
+
+
+class Service:
+    def __init__(self, config: DaemonConfig, *, config_path: str | Path | None = None,
+                 on_result: OnResult | None = None) -> None:
+        self.config = config
+        self.config_path = Path(config_path) if config_path is not None else None
+        self.on_result = on_result
+        self.device = select_device(config)
+        self.slots = FrameSlots()
+        self.metrics = Metrics()
+        self.liveness = Liveness()
+        self.snapshots = SnapshotStore(jpeg_quality=config.snapshot.jpeg_quality,
+                                       max_width=config.snapshot.max_width)
+        self.streams: dict[str, _Stream] = {}
+        self._retired: list[Source] = []
+        self.runner: Runner | None = None
+        self.publisher: Publisher | None = None
+        self.health: HealthServer | None = None
+        self._last_tick = time.monotonic()
+        self._watchdog = systemd.WatchdogPolicy(WATCHDOG_STALL_S)
+
+    # ---- life cycle ----
+
+    def start(self) -> Service:
+        log.info("loading engine %s on %s", self.config.engine.path, self.device)
+        self.runner = Runner(self.config.engine.path, self.device)
+        manifest = self.runner.engine.manifest
+        if manifest.random_weights:
+            log.warning("engine %s has RANDOM weights: its detections are meaningless",
+                        self.config.engine.path)
+        self.runner.warm_up()
+        self.liveness.set_engine_warm()
+        self.batcher = Batcher(self.slots, self.runner.batch_sizes,
+                               self.config.batching.max_batch, self.config.batching.max_wait_ms)
+        self.publisher = Publisher(self.config.publish.endpoint, self.config.publish.sndhwm)
+        log.info("publishing on %s", self.publisher.endpoint)
+        self.health = HealthServer(liveness=self.liveness, metrics=self.metrics,
+                                   snapshots=self.snapshots, host=self.config.health.host,
+                                   port=self.config.health.port).start()
+        for stream in self.config.enabled_streams:
+            self._add_stream(stream)
+        systemd.ready(f"{len(self.streams)} streams")
+        return self
+
+    def serve(self, stop: threading.Event, reload: threading.Event | None = None) -> None:
+        """The main loop, until `stop` is set; the batch in flight is always finished."""
+        while not stop.is_set():
+            if reload is not None and reload.is_set():
+                reload.clear()
+                self.reload()
+            frames = self.batcher.next_batch(stop)
+            if frames:
+                self._process(frames)
+                self._watchdog.progress()
+            self.liveness.beat()
+            self._tick()
+
+    def close(self) -> None:
+        systemd.stopping()
+        sources = [s.source for s in self.streams.values()] + self._retired
+        for source in sources:
+            source.stop()
+        self.slots.wake()
+        deadline = time.monotonic() + JOIN_TIMEOUT_S
+        stuck = [s.name for s in sources if not s.join(max(0.0, deadline - time.monotonic()))]
+        if stuck:
+            log.warning("streams %s still blocked in a read; leaving them to exit", stuck)
+        if self.publisher is not None:
+            self.publisher.close()
+        if self.health is not None:
+            self.health.stop()
+        log.info("stopped")
+
+    # ---- streams ----
+
+    def _add_stream(self, stream: StreamConfig, next_index: int = 0) -> None:
+        self.slots.add(stream.name)
+        source = Source(source_settings(stream, self.config.reconnect), self.slots, self.device,
+                        self.metrics.stream(stream.name), next_index=next_index).start()
+        self.streams[stream.name] = _Stream(stream, source)
+        log.info("stream %s added (%s)", stream.name, stream.safe_url)
+
+    def _remove_stream(self, name: str) -> Source:
+        state = self.streams.pop(name)
+        state.source.stop()
+        self._retired.append(state.source)
+        self.slots.remove(name)
+        self.metrics.remove_stream(name)
+        self.liveness.remove_stream(name)
+        self.snapshots.remove(name)
+        return state.source
+
+    def reload(self) -> bool:
+        """Re-read the config file and apply it; an invalid file changes nothing."""
+        if self.config_path is None:
+            log.warning("reload requested but the service was started without a config path")
+            return False
+        systemd.reloading()
+        try:
+            new = load_config(self.config_path, class_names=tuple(self.runner.class_names))
+        except ConfigError as exc:
+            for problem in exc.problems:
+                log.error("reload rejected: %s", problem)
+            log.error("keeping the running config (%d streams)", len(self.streams))
+            systemd.ready(f"{len(self.streams)} streams (reload rejected)")
+            return False
+        change = diff(self.config, new)
+        for section in change.restart_required:
+            log.warning("reload: changes to `%s` take effect at the next restart", section)
+        for stream in change.removed:
+            self._remove_stream(stream.name)
+            log.info("stream %s removed", stream.name)
+        reconnect = set(change.reconnect)
+        for stream in change.changed:
+            old = self.streams[stream.name]
+            if stream.name in reconnect or stream.max_fps != old.config.max_fps:
+                index = self._remove_stream(stream.name).next_index
+                self._add_stream(stream, next_index=index)
+            else:
+                old.config = stream  # filters only: the source keeps running
+            log.info("stream %s changed", stream.name)
+        for stream in change.added:
+            self._add_stream(stream)
+        self.config = new.model_copy(update={
+            name: getattr(self.config, name) for name in change.restart_required})
+        systemd.ready(f"{len(self.streams)} streams")
+        return True
+
+    # ---- the data path ----
+
+    def _process(self, frames: list[Frame]) -> None:
+        started = time.monotonic()
+        out = self.runner.run(frames)
+        self.metrics.observe_batch(len(frames), time.monotonic() - started)
+        for i, frame in enumerate(frames):
+            state = self.streams.get(frame.stream)
+            if state is None:  # removed by a reload while its frame waited
+                continue
+            self._publish(frame, state, out, i, started)
+
+    def _publish(self, frame: Frame, state: _Stream, out: BatchOutput, i: int,
+                 started: float) -> None:
+        t0 = time.perf_counter()
+        detections = postprocess(
+            out.boxes[i], out.scores[i], out.labels[i], scale=out.scales[i],
+            frame_size=(frame.width, frame.height), stream_cfg=state.config,
+            class_names=self.runner.class_names)
+        result = FrameResult(
+            stream=frame.stream, frame_index=frame.index, pts=frame.pts,
+            capture_ns=frame.capture_ns, width=frame.width, height=frame.height,
+            detections=detections,
+            latencies_ms={"queue": (started - frame.decoded_mono) * 1e3,
+                          "preprocess": out.preprocess_ms, "infer": out.infer_ms,
+                          "postprocess": (time.perf_counter() - t0) * 1e3})
+        self.publisher.publish(result)
+        state.published += 1
+        self.metrics.stream(frame.stream).published()
+        self.metrics.observe_frame(started - frame.decoded_mono,
+                                   (result.publish_ns - frame.capture_ns) / 1e9)
+        if self.config.snapshot.enabled and self.snapshots.due(frame.stream):
+            image = frame_rgb(frame, self.device).cpu().numpy()  # one host copy per interval
+            self.snapshots.put(frame.stream, image, detections)
+        if self.on_result is not None:
+            self.on_result(frame, result)
+
+    # ---- heartbeats ----
+
+    def _tick(self) -> None:
+        """Every `status_interval_s`: a status message per stream, health and watchdog."""
+        now = time.monotonic()
+        interval = now - self._last_tick
+        expecting = any(s.source.stats.connected for s in self.streams.values())
+        self._watchdog.tick(expecting)
+        if interval < self.config.publish.status_interval_s:
+            return
+        self._last_tick = now
+        for name, state in self.streams.items():
+            stats, slot = state.source.stats, self.slots.stats(name)
+            state.fps_out = (state.published - state.published_at_tick) / interval
+            state.published_at_tick = state.published
+            if slot.dropped > state.dropped_at_tick:
+                self.metrics.stream(name).dropped(slot.dropped - state.dropped_at_tick)
+                state.dropped_at_tick = slot.dropped
+            age = stats.last_frame_age(now)
+            self.publisher.status(StreamStatus(
+                stream=name, connected=stats.connected, fps_in=stats.fps_in,
+                fps_out=state.fps_out, frames_in=stats.decoded,
+                frames_dropped=slot.dropped + stats.skipped, frames_published=state.published,
+                reconnects=stats.reconnects, last_frame_age_s=age, error=stats.last_error))
+            self.liveness.set_stream(name, "streaming" if stats.connected else "reconnecting",
+                                     error=stats.last_error)
+
+
+def run(config: DaemonConfig, *, stop_event: threading.Event | None = None,
+        reload_event: threading.Event | None = None, config_path: str | Path | None = None,
+        on_result: OnResult | None = None) -> int:
+    """Run the daemon until SIGTERM/SIGINT or `stop_event`; SIGHUP (or `reload_event`) re-reads
+    `config_path`.
+
+    Signal handlers are installed only when called from the main thread (tests and embedders
+    run it in a thread and use the events). `on_result(frame, result)` sees every published
+    frame with its decoded pixels. Returns the process exit code.
+    """
+    stop = stop_event or threading.Event()
+    reload = reload_event or threading.Event()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig, event in ((signal.SIGTERM, stop), (signal.SIGINT, stop),
+                           (signal.SIGHUP, reload)):
+            previous[sig] = signal.signal(sig, lambda *_, e=event: e.set())
+    service = Service(config, config_path=config_path, on_result=on_result)
+    try:
+        service.start()
+        service.serve(stop, reload)
+    finally:
+        service.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0

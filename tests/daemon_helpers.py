@@ -1,0 +1,77 @@
+"""Shared by the daemon tests: the tiny eager engine, streams.yaml files, the daemon in a thread."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import torch
+from codetr_stream.compile import build_model
+from codetr_stream.compile.engines import build_engine
+from codetr_stream.daemon import service
+from codetr_stream.daemon.config import load_config
+
+DATA = Path(__file__).parent / "data"
+INPUT_HW = (256, 320)  # small: CI has 2 cores for everything
+
+
+def tiny_model() -> torch.nn.Module:
+    config = json.loads((DATA / "tiny_config.json").read_text())
+    return build_model(config, DATA / "tiny_codino.pth")
+
+
+def build_tiny_engine(out: Path, batch_sizes: tuple[int, ...] = (1, 2, 4)) -> Path:
+    """The tiny reference model as an eager fp32 CPU engine (the daemon's CPU path)."""
+    config = json.loads((DATA / "tiny_config.json").read_text())
+    build_engine(tiny_model(), out, backend="eager", precision="fp32", input_hw=INPUT_HW,
+                 batch_sizes=list(batch_sizes), config_name="tiny", config=config,
+                 device="cpu", checkpoint=str(DATA / "tiny_codino.pth"))
+    return out
+
+
+def write_config(path: Path, engine: Path, streams: dict[str, str], *, endpoint: str,
+                 max_batch: int = 4, extra: str = "", min_score: float = 0.0) -> Path:
+    """A streams.yaml for the CPU path: loopback ports, quick reconnects, every detection."""
+    lines = [
+        f"engine: {{path: {engine}, device: cpu}}",
+        f"batching: {{max_batch: {max_batch}, max_wait_ms: 30}}",
+        f'publish: {{endpoint: "{endpoint}", status_interval_s: 0.5}}',
+        "health: {port: 0}",
+        "reconnect: {open_timeout_s: 3, read_timeout_s: 2, stall_timeout_s: 3, "
+        "backoff_initial_s: 0.2, backoff_max_s: 1.0}",
+        extra,
+        "streams:" if streams else "streams: []",
+    ]
+    lines += [f'  - {{name: {name}, url: "{url}", min_score: {min_score}}}'
+              for name, url in streams.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class DaemonThread:
+    """`service.run` in a thread, with the stop/reload events and an `on_result` tap."""
+
+    def __init__(self, config_path: Path, on_result=None) -> None:
+        self.stop = threading.Event()
+        self.reload = threading.Event()
+        self.error: BaseException | None = None
+        config = load_config(config_path)
+        self.thread = threading.Thread(target=self._run, args=(config, config_path, on_result))
+
+    def _run(self, config, config_path, on_result) -> None:
+        try:
+            service.run(config, stop_event=self.stop, reload_event=self.reload,
+                        config_path=config_path, on_result=on_result)
+        except BaseException as exc:
+            self.error = exc
+            raise
+
+    def __enter__(self) -> DaemonThread:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(timeout=15)
+        assert not self.thread.is_alive(), "the daemon did not stop"
