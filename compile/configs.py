@@ -156,6 +156,8 @@ def parse_config(config: dict[str, Any] | str | Path) -> CoDinoConfig:
         raise ConfigError(f"model config must be a dict, a .json path or a name, got {config!r}")
 
     b = _section(config, "backbone", "SwinTransformer")
+    patch = _get(b, "backbone", "patch_size", 4)
+    num_stages = len(_get(b, "backbone", "depths", kind=tuple))
     _check(not b.get("use_abs_pos_embed", False),
            "backbone.use_abs_pos_embed=true is not supported")
     _check(b.get("patch_norm", True), "backbone.patch_norm=false is not supported")
@@ -164,13 +166,12 @@ def parse_config(config: dict[str, Any] | str | Path) -> CoDinoConfig:
         depths=_get(b, "backbone", "depths", kind=tuple),
         num_heads=_get(b, "backbone", "num_heads", kind=tuple),
         window_size=_get(b, "backbone", "window_size"),
-        patch_size=_get(b, "backbone", "patch_size", 4),
-        strides=_get(b, "backbone", "strides", (4, 2, 2, 2), kind=tuple),
+        patch_size=patch,
+        strides=_get(b, "backbone", "strides", (patch,) + (2,) * (num_stages - 1), kind=tuple),
         mlp_ratio=_get(b, "backbone", "mlp_ratio", 4.0, kind=float),
         qkv_bias=_get(b, "backbone", "qkv_bias", True, kind=bool),
         in_channels=_get(b, "backbone", "in_channels", 3),
-        out_indices=_get(b, "backbone", "out_indices", tuple(range(len(b.get("depths", [])))),
-                         kind=tuple),
+        out_indices=_get(b, "backbone", "out_indices", tuple(range(num_stages)), kind=tuple),
     )
     stages = len(backbone.depths)
     _check(len(backbone.num_heads) == stages and len(backbone.strides) == stages,
