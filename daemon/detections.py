@@ -86,8 +86,8 @@ class FrameResult:
             "frame": {"width": self.width, "height": self.height},
             "latencies_ms": {k: round(v, 3) for k, v in self.latencies_ms.items()},
             "detections": [
-                {"class_id": d.class_id, "class_name": d.class_name, "score": round(d.score, 5),
-                 "box": [round(c, 2) for c in d.box]}
+                {"class_id": d.class_id, "class_name": d.class_name, "score": d.score,
+                 "box": list(d.box)}
                 for d in self.detections
             ],
         }  # fmt: skip

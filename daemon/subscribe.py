@@ -38,10 +38,13 @@ class Subscription:
         streams: Iterable[str] | None = None,
         *,
         status: bool = False,
+        rcvhwm: int = 1000,
         context: zmq.Context | None = None,
     ) -> None:
         self._socket = (context or zmq.Context.instance()).socket(zmq.SUB)
         self._socket.setsockopt(zmq.LINGER, 0)
+        # Messages queued here before ZeroMQ drops newer ones: low = only fresh messages.
+        self._socket.setsockopt(zmq.RCVHWM, rcvhwm)
         self._socket.connect(endpoint)
         for topic in topics(streams, status=status):
             self._socket.setsockopt(zmq.SUBSCRIBE, topic)
