@@ -20,11 +20,14 @@ def model(data_dir: Path) -> torch.nn.Module:
     (torch.zeros(3, 64, 64), torch.zeros(1, 64, 64, dtype=torch.bool), r"\(B, 3, H, W\)"),
     (torch.zeros(1, 4, 64, 64), torch.zeros(1, 64, 64, dtype=torch.bool), r"\(B, 3, H, W\)"),
     (torch.zeros(1, 3, 64, 64, dtype=torch.uint8), torch.zeros(1, 64, 64, dtype=torch.bool),
-     "float"),
+     "float32"),
+    (torch.zeros(1, 3, 64, 64, dtype=torch.float64), torch.zeros(1, 64, 64, dtype=torch.bool),
+     "float32"),
     (torch.zeros(1, 3, 64, 64), torch.zeros(1, 64, 64), "bool"),
     (torch.zeros(1, 3, 64, 64), torch.zeros(1, 64, 32, dtype=torch.bool), r"\(1, 64, 64\)"),
     (torch.zeros(2, 3, 64, 64), torch.zeros(1, 64, 64, dtype=torch.bool), r"\(2, 64, 64\)"),
     (torch.zeros(1, 3, 64, 64), torch.zeros(64, 64, dtype=torch.bool), "masks must be"),
+    (torch.zeros(1, 3, 16, 16), torch.zeros(1, 16, 16, dtype=torch.bool), "too small"),
 ])
 def test_bad_inputs_are_named(model, images, masks, message) -> None:
     with pytest.raises(ValueError, match=message):

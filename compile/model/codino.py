@@ -23,18 +23,19 @@ class CoDino(nn.Module):
         self.query_head = CoDINOHead(cfg.head, cfg.transformer)
 
     def forward(self, images: Tensor, masks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        _check_inputs(images, masks)
+        _check_inputs(images, masks, self.backbone.patch_embed.projection.weight.dtype)
         return self.query_head(self.neck(self.backbone(images)), masks)
 
 
-def _check_inputs(images: Tensor, masks: Tensor) -> None:
+def _check_inputs(images: Tensor, masks: Tensor, dtype: torch.dtype) -> None:
     """Static checks (shapes and dtypes only) so that bad input fails here, clearly, and the
     checks stay free of data-dependent branches for torch.export."""
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be (B, 3, H, W) normalised RGB, got shape "
                          f"{tuple(images.shape)}")
-    if not images.is_floating_point():
-        raise ValueError(f"images must be a float tensor (normalised), got {images.dtype}")
+    if images.dtype != dtype:
+        raise ValueError(f"images must be {dtype} like the model weights (normalised), got "
+                         f"{images.dtype}")
     if masks.dtype != torch.bool:
         raise ValueError(f"masks must be bool (True = padding), got {masks.dtype}")
     b, _, h, w = images.shape

@@ -7,9 +7,9 @@ last for two-stage selection. `downsample` is training-only (auxiliary heads) an
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from codetr_stream.compile.configs import HeadConfig, TransformerConfig
 from codetr_stream.compile.model.decoder import inverse_sigmoid
+from codetr_stream.compile.model.masks import level_masks
 from codetr_stream.compile.model.position import SinePositionalEncoding
 from codetr_stream.compile.model.postprocess import topk_detections
 from codetr_stream.compile.model.transformer import CoDinoTransformer
@@ -39,8 +39,7 @@ class CoDINOHead(nn.Module):
 
     def forward(self, feats: list[Tensor], image_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """feats (B,C,h,w) per level, image_mask (B,H,W) True = padding -> boxes, scores, labels."""
-        masks = [F.interpolate(image_mask[:, None].to(f.dtype), size=f.shape[-2:])[:, 0].bool()
-                 for f in feats]
+        masks = level_masks(image_mask, feats)
         pos = [self.positional_encoding(m, f.dtype) for m, f in zip(masks, feats, strict=True)]
         state, reference, _ = self.transformer(feats, masks, pos, self.cls_branches,
                                                self.reg_branches)

@@ -6,6 +6,7 @@ No NMS: Co-DINO's network output is the top-K over queries x classes (model_fact
 from __future__ import annotations
 
 import torch
+from codetr_stream.compile.model.masks import valid_size
 from torch import Tensor
 
 
@@ -22,8 +23,7 @@ def topk_detections(cls_logits: Tensor, boxes: Tensor, image_mask: Tensor,
     scores, index = cls_logits.sigmoid().flatten(1).topk(k, dim=1)
     labels = index % num_classes
     picked = boxes.gather(1, (index // num_classes)[..., None].expand(-1, -1, 4))
-    valid_h = (~image_mask[:, :, 0]).sum(1).to(boxes.dtype)
-    valid_w = (~image_mask[:, 0, :]).sum(1).to(boxes.dtype)
+    valid_h, valid_w = valid_size(image_mask, boxes.dtype)
     size = torch.stack((valid_w, valid_h, valid_w, valid_h), -1)[:, None]
     xyxy = torch.minimum((cxcywh_to_xyxy(picked) * size).clamp(min=0), size)
     return xyxy, scores, labels

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from codetr_stream.compile.model.encoder import level_centres
+from codetr_stream.compile.model.masks import valid_size
 from torch import Tensor
 
 
@@ -19,8 +20,7 @@ def encoder_proposals(memory: Tensor, mask: Tensor, level_masks: list[Tensor],
     proposals = []
     for lvl, (level_mask, centre) in enumerate(zip(level_masks, level_centres(
             shapes, memory.new_empty((), dtype=torch.float32)), strict=True)):
-        valid_h = (~level_mask[:, :, 0]).sum(1).to(torch.float32)
-        valid_w = (~level_mask[:, 0, :]).sum(1).to(torch.float32)
+        valid_h, valid_w = valid_size(level_mask)
         xy = centre[None] / torch.stack((valid_w, valid_h), -1)[:, None]
         proposals.append(torch.cat((xy, torch.full_like(xy, 0.05 * 2.0**lvl)), -1))
     boxes = torch.cat(proposals, 1)
@@ -31,5 +31,8 @@ def encoder_proposals(memory: Tensor, mask: Tensor, level_masks: list[Tensor],
 
 def select_queries(scores: Tensor, coord_logits: Tensor, num_query: int) -> Tensor:
     """Reference boxes (B, Q, 4) in sigmoid space of the Q tokens with the best class score."""
+    if scores.shape[1] < num_query:
+        raise ValueError(f"the input is too small: {scores.shape[1]} encoder tokens for "
+                         f"{num_query} queries; use larger images")
     index = scores.max(-1).values.topk(num_query, dim=1).indices
     return coord_logits.gather(1, index[..., None].expand(-1, -1, 4)).sigmoid()

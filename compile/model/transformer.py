@@ -10,16 +10,9 @@ import torch
 from codetr_stream.compile.configs import TransformerConfig
 from codetr_stream.compile.model.decoder import CoDinoDecoder
 from codetr_stream.compile.model.encoder import DeformableEncoder
+from codetr_stream.compile.model.masks import valid_ratios
 from codetr_stream.compile.model.query_selection import encoder_proposals, select_queries
 from torch import Tensor, nn
-
-
-def valid_ratios(level_mask: Tensor) -> Tensor:
-    """(B, 2) unpadded fraction (x, y) of a level, from its top row / left column."""
-    h, w = level_mask.shape[1:]
-    valid_h = (~level_mask[:, :, 0]).sum(1).to(torch.float32) / h
-    valid_w = (~level_mask[:, 0, :]).sum(1).to(torch.float32) / w
-    return torch.stack((valid_w, valid_h), -1)
 
 
 class CoDinoTransformer(nn.Module):
