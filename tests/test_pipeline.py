@@ -1,0 +1,121 @@
+"""Frame slots, batcher, preprocessing and runner on real frames and the tiny engine."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import av
+import numpy as np
+import pytest
+import torch
+from codetr_stream.compile.preprocess import preprocess, preprocess_batch
+from codetr_stream.daemon.batcher import Batcher, pick_batch_size
+from codetr_stream.daemon.frames import FpsCap, Frame, FrameSlots
+from codetr_stream.daemon.preprocess import Preprocessor, frame_rgb, nv12_to_rgb
+from codetr_stream.daemon.runner import Runner
+from daemon_helpers import INPUT_HW, build_tiny_engine
+
+CPU = torch.device("cpu")
+
+
+def make_frame(stream: str, index: int, h: int = 240, w: int = 320, seed: int = 0) -> Frame:
+    pixels = torch.randint(0, 256, (h, w, 3), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(seed))
+    return Frame(stream, index, None, time.time_ns(), pixels, "rgb24", h, w)
+
+
+def test_slot_keeps_the_latest_frame_and_counts_drops() -> None:
+    slots = FrameSlots()
+    slots.add("a")
+    slots.add("b")
+    for i in range(3):
+        slots.put(make_frame("a", i))
+    slots.put(make_frame("b", 0))
+    frames = slots.take(8)
+    assert [(f.stream, f.index) for f in frames] == [("a", 2), ("b", 0)]  # oldest first
+    assert slots.stats("a").dropped == 2 and slots.stats("a").taken == 1
+    slots.remove("b")
+    slots.put(make_frame("b", 1))  # a frame of a removed stream is discarded
+    assert slots.ready() == 0
+
+
+def test_batcher_waits_for_all_streams_or_the_deadline() -> None:
+    slots = FrameSlots()
+    for name in ("a", "b", "c"):
+        slots.add(name)
+    batcher = Batcher(slots, [1, 2, 4], max_batch=8, max_wait_ms=300)
+    assert batcher.max_batch == 4 and batcher.batch_sizes == [1, 2, 4]
+    stop = threading.Event()
+    for name in ("a", "b", "c"):
+        slots.put(make_frame(name, 0))
+    started = time.monotonic()
+    assert len(batcher.next_batch(stop)) == 3  # every stream has a frame: no waiting
+    assert time.monotonic() - started < 0.1
+
+    slots.put(make_frame("a", 1))
+    slots.put(make_frame("b", 1))
+    started = time.monotonic()
+    assert len(batcher.next_batch(stop)) == 2  # c is silent: the deadline closes the batch
+    assert 0.2 < time.monotonic() - started < 0.6
+    assert batcher.next_batch(stop, idle_timeout=0.1) == []
+
+
+def test_pick_batch_size() -> None:
+    assert [pick_batch_size(n, [1, 2, 4, 8]) for n in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
+    with pytest.raises(ValueError, match="do not fit"):
+        pick_batch_size(9, [1, 2, 4, 8])
+
+
+def test_fps_cap_follows_an_even_schedule() -> None:
+    cap = FpsCap(10.0)
+    kept = [t for t in np.arange(0, 2, 1 / 30) if cap.allow(float(t))]
+    assert 19 <= len(kept) <= 21
+    assert FpsCap(None).allow(0.0) and FpsCap(None).allow(0.0)
+
+
+def test_nv12_to_rgb_matches_ffmpeg() -> None:
+    """GPU frames (NVDEC NV12, converted by us) and CPU frames (FFmpeg RGB) must agree."""
+    y, x = np.mgrid[0:240, 0:320]
+    rgb = np.stack([x * 255 // 319, y * 255 // 239, (x + y) * 255 // 558], -1).astype(np.uint8)
+    nv12 = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="nv12")
+    ffmpeg = torch.from_numpy(nv12.reformat(format="rgb24").to_ndarray()).int()
+    ours = nv12_to_rgb(torch.from_numpy(nv12.to_ndarray()), 240, 320).int()
+    assert ours.shape == ffmpeg.shape == (240, 320, 3)
+    diff = (ours - ffmpeg).abs()
+    # FFmpeg's fixed-point path truncates where we round: about 1.5 levels apart on average.
+    assert diff.float().mean() < 2.5 and diff.max() <= 4
+
+
+def test_preprocessor_writes_the_reference_preprocessing_into_the_buffer() -> None:
+    frames = [make_frame("a", 0, 240, 320, 1), make_frame("b", 0, 480, 270, 2)]  # one portrait
+    images = torch.full((4, 3, *INPUT_HW), 7.0)
+    masks = torch.ones((4, *INPUT_HW), dtype=torch.bool)
+    scales = Preprocessor(INPUT_HW, CPU)(frames, images, masks)
+    for i, frame in enumerate(frames):
+        image, mask, plan = preprocess(frame.pixels, INPUT_HW, fit_portrait=True)
+        assert torch.equal(images[i], image) and torch.equal(masks[i], mask)
+        assert scales[i] == plan.scale_xy
+    assert torch.equal(frame_rgb(frames[0], CPU), frames[0].pixels)
+
+
+@pytest.fixture(scope="module")
+def runner(tmp_path_factory) -> Runner:
+    runner = Runner(build_tiny_engine(tmp_path_factory.mktemp("engine") / "tiny"), CPU)
+    runner.warm_up()
+    return runner
+
+
+@pytest.mark.slow
+def test_runner_pads_partial_batches_and_matches_the_engine(runner) -> None:
+    frames = [make_frame(f"s{i}", 0, 240 + 16 * i, 320, seed=i) for i in range(3)]
+    out = runner.run(frames)
+    assert out.batch_size == 4 and out.boxes.shape[0] == 3
+    assert out.boxes.device.type == "cpu" and out.labels.dtype == torch.int64
+    images, masks, plans = preprocess_batch([f.pixels for f in frames], INPUT_HW)
+    boxes, scores, labels = runner.engine.infer(images, masks)
+    assert torch.allclose(out.scores, scores, atol=1e-5)
+    assert torch.allclose(out.boxes, boxes, atol=1e-3)
+    assert torch.equal(out.labels, labels)
+    assert out.scales == [p.scale_xy for p in plans]
+    assert out.preprocess_ms > 0 and out.infer_ms > 0
