@@ -96,7 +96,7 @@ def msda_fwd_kernel(
     lp_base = bqh * (LEVELS * POINTS)
     v_ptr = value_ptr + b.to(tl.int64) * num_tokens * row_stride + h * DIM
     acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
-    for lvl in tl.static_range(LEVELS):
+    for lvl in range(LEVELS):
         h_l = tl.load(shapes_ptr + 2 * lvl).to(tl.int32)
         w_l = tl.load(shapes_ptr + 2 * lvl + 1).to(tl.int32)
         start = tl.load(starts_ptr + lvl).to(tl.int32)
@@ -139,7 +139,7 @@ def msda_fwd_kernel_per_output(
     lp_base = bqh * (LEVELS * POINTS)
     v_ptr = value_ptr + b * num_tokens * row_stride
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for lvl in tl.static_range(LEVELS):
+    for lvl in range(LEVELS):
         h_l = tl.load(shapes_ptr + 2 * lvl).to(tl.int32)
         w_l = tl.load(shapes_ptr + 2 * lvl + 1).to(tl.int32)
         start = tl.load(starts_ptr + lvl).to(tl.int32)
@@ -167,11 +167,14 @@ def ms_deform_attn_triton(
     sampling_locations: Tensor,
     attention_weights: Tensor,
     per_output: bool = False,
+    block_q: int | None = None,
+    num_warps: int | None = None,
 ) -> Tensor:
     """Launch the kernel (through `wrap_triton`, so torch.compile/export can trace it).
 
     Shapes as the op; spatial_shapes and level_start_index must live on value's device (the
     kernel reads them there, so no host sync is needed and CUDA-graph capture works).
+    block_q / num_warps override `block_config` (the benchmark's sweep).
     """
     batch, tokens, heads, dim = value.shape
     _, queries, _, levels, points, _ = sampling_locations.shape
@@ -190,7 +193,9 @@ def ms_deform_attn_triton(
             *args, *sizes, DIM=dim, LEVELS=levels, POINTS=points, BLOCK=block, num_warps=4
         )
     else:
-        block_q, block_d, warps = block_config(dim)
+        default_q, block_d, default_warps = block_config(dim)
+        block_q = block_q or default_q
+        warps = num_warps or default_warps
         grid = (triton.cdiv(queries, block_q), batch * heads)
         wrap_triton(msda_fwd_kernel)[grid](
             *args, *sizes, DIM=dim, LEVELS=levels, POINTS=points, BLOCK_Q=block_q, BLOCK_D=block_d,
