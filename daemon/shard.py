@@ -14,6 +14,10 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from codetr_stream.daemon.config import DaemonConfig
 
 ENV_INDEX = "CODETR_SHARD_INDEX"
 ENV_REPLICAS = "CODETR_SHARD_REPLICAS"
@@ -57,6 +61,14 @@ class Shard:
 
     def streams(self, names: Iterable[str]) -> list[str]:
         return assigned_streams(names, self.index, self.replicas)
+
+    def restrict(self, config: DaemonConfig) -> DaemonConfig:
+        """`config` with only this worker's streams: apply at start and to every reloaded file,
+        so reload's diff and everything downstream see just this shard."""
+        if self.replicas == 1:
+            return config
+        mine = tuple(s for s in config.streams if owner(s.name, self.replicas) == self.index)
+        return config.model_copy(update={"streams": mine})
 
 
 def _int_setting(value: str, source: str) -> int:

@@ -98,11 +98,26 @@ def test_bad_shard_settings_say_what_to_fix(index, replicas, env, message) -> No
         resolve_shard(index, replicas, env=env)
 
 
+def write_config(path, names: list[str]) -> None:
+    path.write_text("engine: {path: engines/tiny}\nstreams:\n" + "".join(
+        f"  - name: {n}\n    url: rtsp://127.0.0.1:8554/{n}\n" for n in names))
+
+
+def test_restricted_configs_partition_the_streams(tmp_path) -> None:
+    from codetr_stream.daemon.config import load_config
+
+    write_config(tmp_path / "streams.yaml", NAMES[:60])
+    config = load_config(tmp_path / "streams.yaml")
+    parts = [Shard(i, 3).restrict(config) for i in range(3)]
+    assert sorted(s.name for part in parts for s in part.streams) == sorted(NAMES[:60])
+    assert all(part.engine == config.engine and part.publish == config.publish for part in parts)
+    assert Shard(0, 1).restrict(config) is config
+
+
 def test_shard_command_prints_the_assignment(tmp_path) -> None:
     config = tmp_path / "streams.yaml"
     names = [f"cam{i}" for i in range(20)]
-    config.write_text("engine: {path: engines/tiny}\nstreams:\n" + "".join(
-        f"  - name: {n}\n    url: rtsp://127.0.0.1:8554/{n}\n" for n in names))
+    write_config(config, names)
     cmd = [sys.executable, "-m", "codetr_stream.daemon.cli", "shard", str(config)]
     out = json.loads(subprocess.run([*cmd, "--replicas", "3", "--from-replicas", "2", "--json"],
                                     capture_output=True, text=True, check=True).stdout)
