@@ -34,6 +34,7 @@ LEVELS = [(192, 288), (96, 144), (48, 72), (24, 36), (12, 18)]
 HEADS, POINTS, DIM, DECODER_QUERIES = 8, 4, 32, 900
 BANDWIDTH = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100": 3.35e12}  # bytes/s, datasheet
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3}
+DEVICE = "cuda"
 SECTION_BEGIN, SECTION_END = "<!-- msda:begin -->", "<!-- msda:end -->"
 
 
@@ -46,8 +47,8 @@ def bandwidth(name: str) -> float:
 
 def make_case(kind: str, batch: int, dtype: torch.dtype, seed: int = 0):
     """value, shapes, starts, locations, weights on the GPU, with model-like locations."""
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    cuda = dict(device="cuda")
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    cuda = dict(device=DEVICE)
     shapes = torch.tensor(LEVELS, dtype=torch.int64, **cuda)
     areas = shapes[:, 0] * shapes[:, 1]
     starts = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
