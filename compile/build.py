@@ -15,7 +15,8 @@ def build_model(config: dict[str, Any] | str | Path, checkpoint: str | Path | No
                 device: torch.device | str | None = None) -> CoDino:
     """Build Co-DINO from a config dict, a .json path or a built-in name ("co_dino_swin_l"), in
     eval mode. With a checkpoint (mmdet .pth) the weights and class names are loaded; without one
-    the weights are random (PyTorch default init). `device="meta"` builds without memory."""
+    the weights are random (PyTorch default init). `device="meta"` builds without memory.
+    Inference only: no parameter requires grad, so callers cannot leak autograd memory."""
     cfg = parse_config(config)
     device = torch.device(device) if device is not None else torch.device("cpu")
     if checkpoint is None:
@@ -26,4 +27,4 @@ def build_model(config: dict[str, Any] | str | Path, checkpoint: str | Path | No
             model = CoDino(cfg)
         model.class_names = load_checkpoint(model, checkpoint, assign=True)
         model.to(device)
-    return model.eval()
+    return model.eval().requires_grad_(False)

@@ -30,6 +30,7 @@ def test_json_path_dict_and_defaults_agree(data_dir: Path) -> None:
 def test_built_model_is_in_eval_mode_on_the_requested_device(data_dir: Path) -> None:
     model = build_model(data_dir / "tiny_config.json", device="meta")
     assert not model.training
+    assert not any(p.requires_grad for p in model.parameters())
     assert {p.device.type for p in model.parameters()} == {"meta"}
     assert model.class_names is None
     assert next(build_model(data_dir / "tiny_config.json").parameters()).dtype == torch.float32
