@@ -156,3 +156,13 @@ def test_busy_port_fails_with_a_clear_error(ports) -> None:
         )
     assert out.returncode == 2
     assert f"cannot bind tcp://127.0.0.1:{ports['frontend']}" in out.stderr
+
+
+def test_worker_template_expands_to_every_pod() -> None:
+    from codetr_stream.daemon.proxy import expand_endpoints
+
+    got = expand_endpoints([">tcp://codetr-stream-{index}.codetr-stream:5555",
+                            "tcp://0.0.0.0:5559"], 3)
+    assert got == [">tcp://codetr-stream-0.codetr-stream:5555",
+                   ">tcp://codetr-stream-1.codetr-stream:5555",
+                   ">tcp://codetr-stream-2.codetr-stream:5555", "tcp://0.0.0.0:5559"]
