@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The daemon on the GPU machine (the device tool), in two calls while the machine stays warm:
+# the wheels it lacks (PyAV, pyzmq, pydantic, prometheus-client; PyNvVideoCodec) do not fit one
+# call's 64 MiB together with the repo.
+#   call 1: carry [".whl"]   bash bench/device_pipeline.sh install .whl
+#   call 2: carry [".whl2"]  bash bench/device_pipeline.sh run .whl2
+# `run` installs its wheels too, then the GPU tests (NVDEC, daemon on CUDA) and the pipeline
+# bench (16 cameras, full-size Co-DINO Swin-L 1152x768 fp16, eager). Logs land in $OUT.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-/tmp/pipeline-out}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site "$2"/*.whl 2>&1 | tail -3
+ns=$(mktemp -d)
+mkdir -p "$ns/codetr_stream"
+for d in compile plugin daemon; do ln -s "$PWD/$d" "$ns/codetr_stream/$d"; done
+export PYTHONPATH="$ns:/tmp/site"
+python3 -c "import av, zmq, pydantic, prometheus_client; print('av', av.__version__, 'zmq', zmq.__version__)" 2>&1 | tee "$out/env.txt"
+[ "$1" = install ] && exit 0
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  python3 -c "import torch, PyNvVideoCodec as n; print('torch', torch.__version__, 'pynvvideocodec', n.__version__)"
+} 2>&1 | tee -a "$out/env.txt"
+timeout 240 python3 -m pytest -p no:cacheprovider -m gpu -q -rA -x \
+  tests/test_source_gpu.py tests/test_pipeline_gpu.py 2>&1 | tee "$out/pytest.log"
+tests=${PIPESTATUS[0]}
+timeout 300 python3 bench/pipeline.py --build-full fp16 --cameras 16 --fps 5 --seconds 20 \
+  --warmup 5 --out "$out/pipeline.md" 2>&1 | grep -v " INFO " | tee "$out/bench.log"
+bench=${PIPESTATUS[0]}
+echo "pytest exit $tests, bench exit $bench"
+exit $((tests || bench))

@@ -1,0 +1,249 @@
+"""Pipeline bench: N simulated cameras from a real RTSP server through the whole daemon.
+
+Reports per-stream fps, capture-to-publish latency p50/p99, the time each frame spends outside
+the engine (preprocess + postprocess + publish; decode and the wait for a batch excluded), GPU
+utilisation, and the ratio of the daemon's throughput to the engine's standalone throughput at
+its largest batch (measured first, in the same process, CUDA events on a GPU).
+
+Numerics come first: the first published frame of a camera is run through the engine directly
+and its detections must match the daemon's.
+
+    # GPU machine (no GStreamer there: tests/rtsp_replay.py serves the cameras)
+    python bench/pipeline.py --build-full fp16 --cameras 16 --fps 5 --seconds 30
+    # CPU, tiny engine
+    python bench/pipeline.py --engine ENGINE --cameras 2 --size 320x240 --seconds 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def start_cameras(size: str, fps: int) -> tuple[subprocess.Popen, int]:
+    """The replay RTSP server (every path is a camera); returns the process and its port."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "rtsp_replay.py"), "--port",
+                             "0", "--size", size, "--fps", str(fps)], stdout=subprocess.PIPE,
+                            text=True)
+    line = proc.stdout.readline()
+    if not line.startswith("READY"):
+        proc.kill()
+        sys.exit(f"bench: the RTSP server did not start: {line!r}")
+    return proc, int(line.split()[1])
+
+
+def build_full_engine(out: Path, precision: str, batch_sizes: list[int]) -> Path:
+    """Full-size Co-DINO Swin-L at 1152x768 with seeded random weights, eager backend."""
+    from codetr_stream.compile import build_model
+    from codetr_stream.compile.configs import BUILTIN
+    from codetr_stream.compile.engines import build_engine
+    from codetr_stream.daemon.detections import COCO_CLASSES
+
+    torch.manual_seed(0)
+    model = build_model("co_dino_swin_l", device="cuda")
+    model.class_names = list(COCO_CLASSES)
+    build_engine(model, out, backend="eager", precision=precision, input_hw=(768, 1152),
+                 batch_sizes=batch_sizes, config_name="co_dino_swin_l",
+                 config=BUILTIN["co_dino_swin_l"](), device="cuda", seed=0)
+    return out
+
+
+def engine_throughput(engine, batch: int, iters: int) -> float:
+    """Frames per second of `engine.infer` alone at `batch` (after warm-up)."""
+    h, w = engine.manifest.input_hw
+    images = torch.zeros((batch, 3, h, w), device=engine.device)
+    masks = torch.zeros((batch, h, w), dtype=torch.bool, device=engine.device)
+    for _ in range(3):
+        engine.infer(images, masks)
+    if engine.device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(iters):
+            engine.infer(images, masks)
+        end.record()
+        end.synchronize()
+        seconds = start.elapsed_time(end) / 1e3
+    else:
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            engine.infer(images, masks)
+        seconds = time.perf_counter() - t0
+    return batch * iters / seconds
+
+
+class GpuSampler(threading.Thread):
+    """GPU utilisation from nvidia-smi every 0.5 s (empty on machines without it)."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.samples: list[float] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        if shutil.which("nvidia-smi") is None:
+            return
+        while not self.stop.wait(0.5):
+            out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu",
+                                  "--format=csv,noheader,nounits", "-i", "0"],
+                                 capture_output=True, text=True, check=False).stdout.strip()
+            if out.isdigit():
+                self.samples.append(float(out))
+
+
+def check_numerics(engine, frame, result, stream_cfg) -> float:
+    """Max score difference between the daemon's detections and the engine run directly."""
+    from codetr_stream.compile.preprocess import preprocess
+    from codetr_stream.daemon.postprocess import postprocess
+    from codetr_stream.daemon.preprocess import frame_rgb
+
+    image, mask, plan = preprocess(frame_rgb(frame, engine.device), engine.manifest.input_hw,
+                                   fit_portrait=True)
+    boxes, scores, labels = engine.infer(image[None], mask[None])
+    expected = postprocess(boxes[0], scores[0], labels[0], scale=plan.scale_xy,
+                           frame_size=(frame.width, frame.height), stream_cfg=stream_cfg,
+                           class_names=engine.manifest.class_names)
+    got = sorted(d.score for d in result.detections)
+    want = sorted(d.score for d in expected)
+    if len(got) != len(want):
+        return float("inf")
+    return max((abs(a - b) for a, b in zip(got, want, strict=True)), default=0.0)
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--engine", type=Path, help="engine directory")
+    source.add_argument("--build-full", choices=("fp16", "fp32"),
+                        help="build the full-size eager engine (seeded random weights) first")
+    parser.add_argument("--cameras", type=int, default=16)
+    parser.add_argument("--fps", type=int, default=5)
+    parser.add_argument("--size", default="1280x720", help="camera resolution WxH")
+    parser.add_argument("--seconds", type=float, default=30.0, help="measured window")
+    parser.add_argument("--warmup", type=float, default=8.0, help="seconds before measuring")
+    parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--max-wait-ms", type=float, default=20.0)
+    parser.add_argument("--out", type=Path, help="write the markdown section here")
+    args = parser.parse_args()
+
+    from codetr_stream.compile.engines import load_engine
+    from codetr_stream.daemon import service
+    from codetr_stream.daemon.config import load_config
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
+    engine_dir = args.engine or build_full_engine(
+        tmp / "engine", args.build_full, [b for b in (1, 2, 4, 8) if b <= args.max_batch])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    engine = load_engine(engine_dir, device)
+    largest = max(b for b in engine.manifest.batch_sizes if b <= args.max_batch)
+    standalone = engine_throughput(engine, largest, iters=10 if device.type == "cuda" else 2)
+    print(f"engine standalone: {standalone:.1f} frames/s at batch {largest}", flush=True)
+
+    server, port = start_cameras(args.size, args.fps)
+    names = [f"cam{i:02d}" for i in range(args.cameras)]
+    config_path = tmp / "streams.yaml"
+    config_path.write_text(
+        f"engine: {{path: {engine_dir}, device: auto}}\n"
+        f"batching: {{max_batch: {args.max_batch}, max_wait_ms: {args.max_wait_ms}}}\n"
+        f'publish: {{endpoint: "tcp://127.0.0.1:0"}}\nhealth: {{port: 0}}\n'
+        "snapshot: {enabled: false}\nstreams:\n"
+        + "".join(f'  - {{name: {n}, url: "rtsp://127.0.0.1:{port}/{n}", min_score: 0.3}}\n'
+                  for n in names))
+    config = load_config(config_path)
+    records: list[tuple[float, str, dict, float]] = []
+    first: dict = {}
+
+    def tap(frame, result) -> None:
+        lat = result.latencies_ms
+        records.append((time.monotonic(), frame.stream, lat,
+                        (result.publish_ns - frame.capture_ns) / 1e6))
+        first.setdefault("frame", (frame, result))
+
+    stop = threading.Event()
+    daemon = threading.Thread(target=service.run, args=(config,),
+                              kwargs={"stop_event": stop, "on_result": tap})
+    sampler = GpuSampler()
+    started = time.monotonic()
+    daemon.start()
+    while not first and time.monotonic() - started < 300:
+        time.sleep(0.2)
+    frame, result = first["frame"]
+    stream_cfg = next(s for s in config.streams if s.name == frame.stream)
+    score_diff = check_numerics(engine, frame, result, stream_cfg)
+    print(f"numerics: max score difference daemon vs engine {score_diff:.2e}", flush=True)
+    time.sleep(args.warmup)
+    sampler.start()
+    t0 = time.monotonic()
+    time.sleep(args.seconds)
+    t1 = time.monotonic()
+    sampler.stop.set()
+    stop.set()
+    daemon.join(timeout=30)
+    server.kill()
+
+    window = [r for r in records if t0 <= r[0] < t1]
+    per_stream = defaultdict(int)
+    for _, name, _, _ in window:
+        per_stream[name] += 1
+    fps = [per_stream[n] / (t1 - t0) for n in names]
+    total = sum(fps)
+    e2e = [r[3] for r in window]
+    outside = [r[2]["preprocess"] + r[2]["postprocess"] for r in window]
+    queue = [r[2]["queue"] for r in window]
+    infer = [r[2]["infer"] for r in window]
+    offered = args.cameras * args.fps
+    rows = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor()
+        or "cpu",
+        "engine": f"{engine.manifest.backend} {engine.manifest.precision} "
+                  f"{engine.manifest.input_hw[1]}x{engine.manifest.input_hw[0]} "
+                  f"({engine.manifest.config_name}, random weights: "
+                  f"{engine.manifest.random_weights})",
+        "cameras": f"{args.cameras} x {args.size} @ {args.fps} fps = {offered} frames/s offered",
+        "numerics (max score diff vs engine)": f"{score_diff:.1e}",
+        "engine standalone": f"{standalone:.1f} frames/s (batch {largest})",
+        "daemon throughput": f"{total:.1f} frames/s",
+        "ratio to standalone": f"{total / standalone:.1%} "
+                               f"(of min(offered, standalone): "
+                               f"{total / min(offered, standalone):.1%})",
+        "per-stream fps min / mean": f"{min(fps):.2f} / {np.mean(fps):.2f}",
+        "capture->publish p50 / p99 ms": f"{percentile(e2e, 50):.1f} / {percentile(e2e, 99):.1f}",
+        "outside engine (pre+post) p50 / p99 ms":
+            f"{percentile(outside, 50):.2f} / {percentile(outside, 99):.2f}",
+        "queue wait p50 / p99 ms": f"{percentile(queue, 50):.1f} / {percentile(queue, 99):.1f}",
+        "engine per batch p50 ms": f"{percentile(infer, 50):.1f}",
+        "GPU utilisation mean": (f"{np.mean(sampler.samples):.0f}%" if sampler.samples
+                                 else "n/a"),
+    }
+    command = "python bench/pipeline.py " + " ".join(sys.argv[1:])
+    text = (f"Date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC. Command: `{command}`\n\n"
+            "| measure | value |\n|---|---|\n"
+            + "".join(f"| {k} | {v} |\n" for k, v in rows.items()))
+    print(text)
+    print(json.dumps({"per_stream_fps": dict(zip(names, fps, strict=True))}))
+    if args.out:
+        args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
