@@ -97,9 +97,9 @@ def test_status_topic_carries_heartbeats_only() -> None:
     assert restored == expected
 
 
-def publish_all(pub: Publisher, count: int, *, pace_s: float = 0.0) -> float:
-    """Publish `count` ~20 KB messages (200 detections); returns the seconds it took."""
-    message = frame("cam1", 0, detections=200)
+def publish_all(pub: Publisher, count: int, *, pace_s: float = 0.0, detections: int = 200) -> float:
+    """Publish `count` messages (~20 KB with 200 detections); returns the seconds it took."""
+    message = frame("cam1", 0, detections=detections)
     start = time.perf_counter()
     for i in range(count):
         message.frame_index = i
@@ -127,16 +127,22 @@ def test_publish_stays_fast_when_a_subscriber_never_reads_and_its_losses_are_cou
 
 @pytest.mark.slow
 def test_a_subscriber_that_never_reads_costs_the_others_nothing() -> None:
-    count = 1500
-    with Publisher("tcp://127.0.0.1:0", hwm=20) as pub, \
+    count = 1500  # at ~1,000/s the default-sized queues ride out 0.5 s of CPU starvation
+    with Publisher("tcp://127.0.0.1:0", hwm=500) as pub, \
             Subscription(pub.endpoint, ["cam1"], rcvhwm=10) as stalled, \
             Subscription(pub.endpoint, ["cam1"]) as healthy:
         until_received(pub, [stalled, healthy], lambda: pub.publish(frame("cam1", -1)))
         received: list[dict] = []
-        reader = threading.Thread(target=lambda: received.extend(
-            iter(lambda: healthy.receive(3), None)))
+
+        def read() -> None:
+            while (message := healthy.receive(5)) is not None:
+                received.append(message)
+                if message["frame_index"] == count - 1:
+                    return
+
+        reader = threading.Thread(target=read)
         reader.start()
-        publish_all(pub, count, pace_s=0.0005)  # ~1,000 messages/s: a busy fleet
+        publish_all(pub, count, pace_s=0.0005, detections=20)  # ~1,000 messages/s
         reader.join()
         assert stalled.missed == {}  # it has not read anything yet
     assert [m["frame_index"] for m in received] == list(range(count))
