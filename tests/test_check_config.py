@@ -1,0 +1,135 @@
+"""`check-config`, `run` and `reload` on real files and processes: line numbers and exit codes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "codetr_stream.daemon.cli"]
+
+TYPOS = """\
+engine:
+  path: engines/tiny
+  gpus: [0]
+batching:
+  max_bacth: 4
+streams:
+  - name: cam1
+    url: rtsp://admin:${CAM1_PASSWORD}@10.0.0.5/stream1
+    transport: tpc
+  - name: cam2
+    ulr: rtsp://10.0.0.6/stream1
+    classes: [person, persn]
+"""
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **(env or {})})
+
+
+def write(tmp_path: Path, text: str, name: str = "streams.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_check_config_prints_every_error_with_file_and_line(tmp_path: Path) -> None:
+    path = write(tmp_path, TYPOS)
+    done = cli("check-config", str(path), env={"CAM1_PASSWORD": "hunter2-secret"})
+    assert done.returncode == 1
+    assert done.stdout == ""
+    assert done.stderr.splitlines() == [
+        f"{path}:5: batching.max_bacth: unknown key (hint: did you mean 'max_batch'?)",
+        f"{path}:9: streams[0].transport: Input should be 'tcp' or 'udp' "
+        "(hint: RTSP transport: tcp (robust through NAT and loss) or udp)",
+        f"{path}:10: streams[1].url: required, missing (hint: rtsp://[user:pass@]host[:port]/path, "
+        "rtsps://..., or file:///path (tests); put passwords in ${ENV_VAR} references)",
+        f"{path}:11: streams[1].ulr: unknown key (hint: did you mean 'url'?)",
+        f"{path}:12: streams[1].classes: unknown classes 'persn' (did you mean 'person'?); use one "
+        "of the model's 80 class names or an id 0..79 (hint: publish only these classes (names or "
+        "ids); null = all)",
+        f"{path}: 5 problem(s)",
+    ]
+
+
+def test_check_config_names_a_missing_secret(tmp_path: Path) -> None:
+    path = write(tmp_path, TYPOS)
+    env = {k: v for k, v in os.environ.items() if k != "CAM1_PASSWORD"}
+    done = subprocess.run([*CLI, "check-config", str(path)], capture_output=True, text=True,
+                          timeout=60, env=env)
+    assert done.returncode == 1
+    assert f"{path}:8: streams[0].url: ${{CAM1_PASSWORD}} is not set" in done.stderr
+
+
+def test_check_config_success_prints_a_summary_without_passwords(tmp_path: Path) -> None:
+    env = {"ENTRANCE_PASSWORD": "pw-entrance-123", "DOCK_USER": "dock-user",
+           "DOCK_PASSWORD": "pw-dock-456"}
+    done = cli("check-config", str(ROOT / "streams.yaml"), env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0] == f"{ROOT / 'streams.yaml'}: OK"
+    assert "streams: 2 enabled of 3" in done.stdout
+    assert "entrance: rtsp://***@192.0.2.10:554/Streaming/Channels/101" in done.stdout
+    for secret in env.values():
+        assert secret not in done.stdout + done.stderr
+
+
+def test_yaml_syntax_error_has_a_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "engine:\n  path: e\nstreams:\n  - name: [cam1\n")
+    done = cli("check-config", str(path))
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"{path}:5: invalid YAML")
+
+
+def test_run_refuses_an_invalid_config(tmp_path: Path) -> None:
+    path = write(tmp_path, TYPOS)
+    done = cli("run", "--config", str(path), env={"CAM1_PASSWORD": "hunter2-secret"})
+    assert done.returncode == 1
+    assert f"{path}:5: batching.max_bacth: unknown key" in done.stderr
+    assert done.stderr.splitlines()[-1] == f"{path}: refusing to start"
+    assert "hunter2-secret" not in done.stderr
+
+
+def test_reload_signals_the_daemon_in_the_pid_file(tmp_path: Path) -> None:
+    # Stands in for the daemon: a process whose command line says codetr, that reports SIGHUP.
+    daemon = subprocess.Popen(
+        [sys.executable, "-c", "# codetr-stream stand-in\nimport signal, sys\n"
+         "signal.signal(signal.SIGHUP, lambda *a: (print('HUP', flush=True), sys.exit(0)))\n"
+         "print('ready', flush=True)\nsignal.pause()\n"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert daemon.stdout.readline().strip() == "ready"
+        (tmp_path / "daemon.pid").write_text(f"{daemon.pid}\n")
+        path = write(tmp_path, "engine: {path: e}\npid_file: daemon.pid\nstreams: []\n")
+        done = cli("reload", "--config", str(path))
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == f"sent SIGHUP to codetr-stream (pid {daemon.pid})"
+        assert daemon.stdout.readline().strip() == "HUP"
+        assert daemon.wait(timeout=10) == 0
+    finally:
+        daemon.kill()
+
+
+def test_reload_refuses_an_invalid_config_and_stale_or_missing_pid_files(tmp_path: Path) -> None:
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        (tmp_path / "daemon.pid").write_text(f"{bystander.pid}\n")
+        invalid = write(tmp_path, "engine: {path: e}\npid_file: daemon.pid\nstreams: [{}]\n")
+        done = cli("reload", "--config", str(invalid))
+        assert done.returncode == 1
+        assert done.stderr.splitlines()[-1].endswith("the daemon keeps its current config")
+
+        stale = write(tmp_path, "engine: {path: e}\npid_file: daemon.pid\n", "stale.yaml")
+        done = cli("reload", "--config", str(stale))
+        assert done.returncode == 1 and "is not codetr-stream (stale pid file)" in done.stderr
+        assert bystander.poll() is None  # not signalled: SIGHUP would have killed `sleep`
+    finally:
+        bystander.kill()
+        bystander.wait()
+    no_pid = write(tmp_path, "engine: {path: e}\n", "nopid.yaml")
+    done = cli("reload", "--config", str(no_pid))
+    assert done.returncode == 1 and "no pid_file set" in done.stderr
