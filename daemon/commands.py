@@ -119,7 +119,7 @@ def run_command(args: argparse.Namespace) -> int:
     from codetr_stream.daemon import service
 
     with _pid_file(config.pid_file):
-        return int(service.run(config) or 0)
+        return int(service.run(config, config_path=args.config) or 0)
 
 
 def _daemon_pid(pid_file: Path) -> int:
