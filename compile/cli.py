@@ -1,0 +1,258 @@
+"""Offline subcommands: fetch-weights, export, compile, bench engine.
+
+Each handler turns the errors a user can cause (unknown config, missing weights file, bad size,
+no GPU, no TensorRT, offline) into one line on stderr and exit code 2; torch is imported only
+inside handlers so `codetr-stream --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from codetr_stream.compile.configs import BUILTIN, ConfigError, parse_config
+
+BACKENDS = ("eager", "inductor", "tensorrt")
+
+
+class UsageError(ValueError):
+    """Bad command-line input, reported as one line."""
+
+
+def _size(text: str) -> tuple[int, int]:
+    """"1152x768" (W x H, as people say it) -> (H, W) as tensors are laid out."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"size must look like 1152x768 (WxH), got {text!r}") from None
+    return h, w
+
+
+def _batches(text: str) -> list[int]:
+    try:
+        values = sorted({int(v) for v in text.split(",")})
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"batch sizes must look like 1,2,4,8, got {text!r}") from None
+    if values[0] < 1:
+        raise argparse.ArgumentTypeError("batch sizes must be >= 1")
+    return values
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="co_dino_swin_l",
+                   help=f"built-in name ({', '.join(BUILTIN)}) or a config .json path")
+    weights = p.add_mutually_exclusive_group(required=True)
+    weights.add_argument("--weights", type=Path, help="mmdet checkpoint (.pth)")
+    weights.add_argument("--random-weights", action="store_true",
+                         help="seeded random weights (for benchmarks; the manifest says so)")
+    p.add_argument("--seed", type=int, default=0, help="seed for --random-weights")
+    p.add_argument("--size", type=_size, default=(768, 1152), metavar="WxH",
+                   help="input canvas, W x H (default 1152x768)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: GPU if any)")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("fetch-weights", help="download the official Co-DINO checkpoint")
+    p.add_argument("--url", default=None, help="checkpoint URL (default: OpenMMLab's)")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="where to keep it (default: $CODETR_STREAM_CACHE or "
+                        "$XDG_CACHE_HOME/codetr-stream)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(handler=_guard(_fetch_weights))
+
+    p = subparsers.add_parser("export", help="torch.export the model at a fixed size (.pt2)")
+    _add_model_args(p)
+    p.add_argument("--batch", type=_batches, default=[1], help="batch size(s): 1 or 1,2,4,8")
+    p.add_argument("--out", type=Path, required=True, help="output .pt2 file")
+    p.set_defaults(handler=_guard(_export))
+
+    p = subparsers.add_parser("compile", help="build an engine directory from a checkpoint")
+    _add_model_args(p)
+    p.add_argument("--precision", choices=("fp16", "fp32"), default="fp16")
+    p.add_argument("--batch", type=_batches, default=[1, 2, 4, 8], help="e.g. 1,2,4,8")
+    p.add_argument("--backend", choices=BACKENDS, default="inductor")
+    p.add_argument("--aoti", action="store_true",
+                   help="inductor: also package AOTInductor .pt2 files where torch can load them")
+    p.add_argument("--out", type=Path, required=True, help="engine directory")
+    p.set_defaults(handler=_guard(_compile))
+
+    p = subparsers.add_parser("bench", help="benchmarks (from a source checkout)")
+    sub = p.add_subparsers(dest="bench", metavar="WHAT", required=True)
+    q = sub.add_parser("engine", help="eager vs Inductor vs TensorRT side by side (GPU)",
+                       add_help=False)
+    q.add_argument("args", nargs=argparse.REMAINDER, help="arguments of bench/engine.py")
+    q.set_defaults(handler=_guard(_bench_engine))
+
+
+def _guard(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Known user errors -> one line on stderr and exit code 2."""
+
+    def run(args: argparse.Namespace) -> int:
+        from codetr_stream.compile.weights import FetchError
+
+        known: tuple[type[BaseException], ...] = (UsageError, ConfigError, FetchError)
+        try:
+            from codetr_stream.compile.checkpoint import CheckpointError
+            from codetr_stream.compile.engines.tensorrt import TensorRTUnavailable
+            from codetr_stream.compile.export import SizeError
+
+            known += (CheckpointError, SizeError, TensorRTUnavailable)
+            return handler(args)
+        except known as exc:
+            print(f"codetr-stream {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+def _fetch_weights(args: argparse.Namespace) -> int:
+    from codetr_stream.compile.weights import DEFAULT_URL, fetch, sha256_file
+
+    path = fetch(args.url or DEFAULT_URL, args.cache_dir, progress=not args.no_progress)
+    print(f"{path} ({path.stat().st_size / 2**20:.1f} MiB, sha256 {sha256_file(path)[:16]}...)")
+    return 0
+
+
+def _choose_device(args: argparse.Namespace, backend: str, precision: str) -> Any:
+    import torch
+
+    if args.device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"--device {args.device}: no CUDA GPU is visible")
+    if device.type == "cpu" and precision == "fp16":
+        raise UsageError("--precision fp16 needs a CUDA GPU and none is visible; use "
+                         "--precision fp32 (CPU) or build on the GPU machine")
+    if device.type == "cpu" and backend == "tensorrt":
+        raise UsageError("--backend tensorrt needs a CUDA GPU and none is visible")
+    return device
+
+
+def _load_model(args: argparse.Namespace) -> tuple[Any, dict[str, Any], str, str | None]:
+    """(model, config dict, config name, checkpoint sha256) after checking the inputs."""
+    import json
+
+    import torch
+    from codetr_stream.compile import build_model
+    from codetr_stream.compile.export import check_input_size
+
+    cfg = parse_config(args.config)
+    check_input_size(cfg, args.size)
+    if args.weights is not None and not args.weights.is_file():
+        raise UsageError(f"--weights {args.weights}: no such file (fetch it with "
+                         "`codetr-stream fetch-weights`, or pass --random-weights)")
+    if args.config in BUILTIN:
+        name, config = args.config, BUILTIN[args.config]()
+    else:
+        name, config = cfg.name, json.loads(Path(args.config).read_text())
+    digest = None
+    if args.weights is not None:
+        from codetr_stream.compile.weights import sha256_file
+
+        digest = sha256_file(args.weights)
+        model = build_model(args.config, args.weights)
+    else:
+        torch.manual_seed(args.seed)
+        model = build_model(args.config)
+    if not model.class_names:
+        model.class_names = [f"class_{i}" for i in range(cfg.head.num_classes)]
+    return model, config, name, digest
+
+
+def _export(args: argparse.Namespace) -> int:
+    import torch
+    from codetr_stream.compile.export import (
+        example_inputs,
+        export_for_batches,
+        max_abs_diff,
+    )
+
+    device = _choose_device(args, "eager", "fp32")
+    model, _, _, _ = _load_model(args)
+    model = model.to(device)
+    started = time.perf_counter()
+    program = export_for_batches(model, args.size, args.batch, device)[args.batch[-1]]
+    seconds = time.perf_counter() - started
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    torch.export.save(program, str(args.out))
+    images, masks = example_inputs(args.batch[-1], args.size, device, seed=1)
+    with torch.no_grad():
+        diffs = max_abs_diff(program.module()(images, masks), model(images, masks))
+    print(f"{args.out}: exported in {seconds:.1f} s, {args.out.stat().st_size / 2**20:.1f} MiB; "
+          f"vs eager max|diff| boxes {diffs[0]:.2e} px, scores {diffs[1]:.2e}, "
+          f"labels differing {int(diffs[2])}")
+    return 0
+
+
+def _compile(args: argparse.Namespace) -> int:
+    from codetr_stream.compile.engines import build_engine
+    from codetr_stream.compile.engines.numerics import check_engine
+    from tqdm import tqdm
+
+    device = _choose_device(args, args.backend, args.precision)
+    if args.backend == "tensorrt":
+        from codetr_stream.compile.engines.tensorrt import _import_torch_tensorrt
+
+        _import_torch_tensorrt()
+    times: dict[str, float] = {}
+    with tqdm(total=3, desc="compile", unit="stage") as bar:
+        started = time.perf_counter()
+        bar.set_postfix_str("model")
+        model, config, name, digest = _load_model(args)
+        times["model"] = time.perf_counter() - started
+        bar.update()
+        bar.set_postfix_str(f"{args.backend} build")
+        started = time.perf_counter()
+        options = {"aoti": True} if args.aoti and args.backend == "inductor" else {}
+        engine, manifest = build_engine(
+            model, args.out, backend=args.backend, precision=args.precision, input_hw=args.size,
+            batch_sizes=args.batch, config_name=name, config=config, device=device,
+            checkpoint=str(args.weights) if args.weights else None, checkpoint_sha256=digest,
+            seed=None if args.weights else args.seed, **options)
+        times["build"] = time.perf_counter() - started
+        bar.update()
+        bar.set_postfix_str("verify")
+        started = time.perf_counter()
+        manifest.measured["numerics"] = check_engine(engine, model)
+        manifest.save(args.out)
+        times["verify"] = time.perf_counter() - started
+        bar.update()
+    _summary(args.out, manifest, times)
+    return 0
+
+
+def _summary(out: Path, manifest: Any, times: dict[str, float]) -> None:
+    h, w = manifest.input_hw
+    print(f"\nengine {out}: {manifest.backend} {manifest.precision} {w}x{h} batch "
+          f"{','.join(map(str, manifest.batch_sizes))} on {manifest.device_name}"
+          + (" (RANDOM WEIGHTS)" if manifest.random_weights else ""))
+    for path in sorted(out.iterdir()):
+        print(f"  {path.name:<24} {path.stat().st_size / 2**20:10.1f} MiB")
+    print("  times: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))
+    numerics = manifest.measured.get("numerics", {})
+    if numerics:
+        print("  vs fp32 eager: " + ", ".join(f"{k} {v}" for k, v in numerics.items()))
+    for note in manifest.notes:
+        print(f"  note: {note}")
+
+
+def _bench_engine(args: argparse.Namespace) -> int:
+    import runpy
+
+    import codetr_stream.compile as package
+
+    script = Path(package.__file__).resolve().parents[1] / "bench" / "engine.py"
+    if not script.is_file():
+        raise UsageError(f"{script} not found: the benchmarks run from a source checkout "
+                         "(editable install)")
+    sys.argv = [str(script), *args.args]
+    runpy.run_path(str(script), run_name="__main__")
+    return 0

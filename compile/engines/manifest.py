@@ -1,0 +1,191 @@
+"""`manifest.json`: what an engine directory holds and where it may run.
+
+An engine is only valid for the GPU and library versions it was compiled for (Inductor kernels,
+TensorRT plans). The manifest records them so the daemon can refuse a stale engine up front, with
+the exact command that rebuilds it, instead of crashing or silently recompiling at start.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shlex
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+BACKENDS = ("eager", "inductor", "tensorrt")
+PRECISIONS = ("fp32", "fp16")
+
+
+class ManifestError(ValueError):
+    """A manifest that is missing, unreadable or malformed."""
+
+
+class IncompatibleEngine(RuntimeError):
+    """An engine built for another GPU or library version; the message says how to rebuild."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One engine input or output; `shape[0]` is "B" (one of the manifest's batch sizes)."""
+
+    name: str
+    shape: list[int | str]
+    dtype: str
+
+
+@dataclass
+class Manifest:
+    backend: str
+    precision: str
+    input_hw: tuple[int, int]
+    batch_sizes: list[int]
+    config_name: str
+    config: dict[str, Any]
+    class_names: list[str]
+    random_weights: bool
+    checkpoint: str | None = None
+    checkpoint_sha256: str | None = None
+    seed: int | None = None
+    inputs: list[TensorSpec] = field(default_factory=list)
+    outputs: list[TensorSpec] = field(default_factory=list)
+    files: dict[str, str] = field(default_factory=dict)
+    device_name: str = "cpu"
+    compute_capability: str | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+    built_at: str = ""
+    build_seconds: float = 0.0
+    measured: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    format_version: int = FORMAT_VERSION
+
+    def save(self, engine_dir: Path) -> Path:
+        path = Path(engine_dir) / MANIFEST_NAME
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, engine_dir: Path) -> Manifest:
+        path = Path(engine_dir) / MANIFEST_NAME
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError as exc:
+            raise ManifestError(f"{path}: no manifest; is {engine_dir} an engine directory built "
+                                "by `codetr-stream compile`?") from exc
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ManifestError(f"{path}: unreadable manifest ({exc})") from exc
+        if raw.get("format_version") != FORMAT_VERSION:
+            raise ManifestError(f"{path}: format_version {raw.get('format_version')!r}, this "
+                                f"build reads {FORMAT_VERSION}; rebuild the engine")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ManifestError(f"{path}: unknown fields {unknown}")
+        try:
+            raw["input_hw"] = tuple(raw["input_hw"])
+            raw["inputs"] = [TensorSpec(**s) for s in raw.get("inputs", [])]
+            raw["outputs"] = [TensorSpec(**s) for s in raw.get("outputs", [])]
+            manifest = cls(**raw)
+        except (KeyError, TypeError) as exc:
+            raise ManifestError(f"{path}: malformed manifest ({exc})") from exc
+        if manifest.backend not in BACKENDS or manifest.precision not in PRECISIONS:
+            raise ManifestError(f"{path}: backend {manifest.backend!r} / precision "
+                                f"{manifest.precision!r} not one of {BACKENDS} / {PRECISIONS}")
+        return manifest
+
+    def rebuild_command(self, engine_dir: Path | str) -> str:
+        """The `codetr-stream compile` line that rebuilds this engine on the current machine."""
+        h, w = self.input_hw
+        config = self.config_name if self.files.get("config") is None else str(
+            Path(engine_dir) / self.files["config"])
+        if self.random_weights:
+            weights = ["--random-weights", "--seed", str(self.seed or 0)]
+        else:
+            weights = ["--weights", self.checkpoint or "CHECKPOINT.pth"]
+        argv = ["codetr-stream", "compile", "--config", config, *weights,
+                "--precision", self.precision, "--size", f"{w}x{h}",
+                "--batch", ",".join(map(str, self.batch_sizes)),
+                "--backend", self.backend, "--out", str(engine_dir)]
+        return shlex.join(argv)
+
+    def check_compatible(self, engine_dir: Path | str, device: str | None = None) -> None:
+        """Refuse an engine whose compiled code does not fit this machine (see `mismatches`)."""
+        problems = self.mismatches(current_environment(device))
+        if problems:
+            raise IncompatibleEngine(
+                f"engine {engine_dir} ({self.backend}, {self.precision}) cannot run here: "
+                f"{'; '.join(problems)}. Rebuild it on this machine: "
+                f"{self.rebuild_command(engine_dir)}")
+
+    def mismatches(self, env: dict[str, Any]) -> list[str]:
+        """What differs between the build machine and `env` in ways the backend cannot absorb.
+
+        eager: only needs a GPU for fp16 (weights are portable). inductor: compiled kernels and the
+        exported program are tied to torch/triton and the GPU architecture (compute capability).
+        tensorrt: plans are tied to the exact GPU model and TensorRT version.
+        """
+        problems = []
+        if self.precision == "fp16" and env["device"] == "cpu":
+            problems.append("fp16 engines need a CUDA GPU, this device is cpu")
+        if self.backend == "eager":
+            return problems
+        built_on = "cpu" if self.compute_capability is None else "cuda"
+        if built_on != env["device"]:
+            problems.append(f"built for {built_on} ({self.device_name}), running on "
+                            f"{env['device']} ({env['device_name']})")
+        elif self.compute_capability != env["compute_capability"]:
+            problems.append(f"built for compute capability {self.compute_capability} "
+                            f"({self.device_name}), this GPU is {env['compute_capability']} "
+                            f"({env['device_name']})")
+        elif self.backend == "tensorrt" and self.device_name != env["device_name"]:
+            problems.append(f"TensorRT plan built on {self.device_name}, this GPU is "
+                            f"{env['device_name']}")
+        keys = ("torch", "triton") if self.backend == "inductor" else ("tensorrt",)
+        for key in keys:
+            built, here = self.versions.get(key), env["versions"].get(key)
+            if built != here:
+                problems.append(f"built with {key} {built}, installed is {here}")
+        return problems
+
+
+def _version(module: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(module)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def library_versions() -> dict[str, str]:
+    """Versions that decide whether compiled artefacts still load (absent libraries left out)."""
+    import torch
+
+    found = {"torch": torch.__version__, "python": platform.python_version()}
+    for key, dist in (("triton", "triton"), ("tensorrt", "tensorrt"),
+                      ("torch_tensorrt", "torch_tensorrt")):
+        version = _version(dist)
+        if version is not None:
+            found[key] = version
+    if torch.version.cuda:
+        found["cuda"] = torch.version.cuda
+    return found
+
+
+def current_environment(device: str | None = None) -> dict[str, Any]:
+    """The device and library facts a manifest is checked against."""
+    import torch
+
+    dev = torch.device(device) if device else torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu")
+    env: dict[str, Any] = {"device": dev.type, "device_name": "cpu", "compute_capability": None,
+                           "versions": library_versions()}
+    if dev.type == "cuda":
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        major, minor = torch.cuda.get_device_capability(index)
+        env["device_name"] = torch.cuda.get_device_name(index)
+        env["compute_capability"] = f"{major}.{minor}"
+    return env

@@ -1,0 +1,48 @@
+"""The FP16 policy shared by every PyTorch-run backend (eager and Inductor).
+
+Matrix weights (every parameter with 2+ dims: linear/conv kernels, embeddings, the Swin bias
+tables) are stored in FP16 once, so no per-call weight cast is needed; the forward then runs under
+CUDA autocast. Autocast keeps the numerically sensitive ops in FP32: softmax (MSDA weights and
+decoder self-attention), layer_norm, group_norm, cumsum (mask positional encoding), exp/log/pow
+(proposal logits, inverse sigmoid). Type promotion keeps the box chain in FP32 too: reference
+points start as FP32 proposals and every refinement adds an FP16 delta to an FP32 inverse sigmoid,
+so sampling locations and final boxes are FP32. Engine outputs are cast to FP32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def half_matrices_(module: nn.Module) -> nn.Module:
+    """Store parameters of 2+ dims in FP16 in place (1-D biases and norm weights stay FP32)."""
+    for param in module.parameters():
+        if param.dim() >= 2 and param.is_floating_point():
+            param.data = param.data.half()
+    return module
+
+
+def autocast(device: torch.device, precision: str) -> torch.autocast:
+    """FP16 autocast for "fp16" (CUDA only), a disabled autocast for "fp32".
+
+    A plain `torch.autocast` object (not a generator context) so that torch.compile traces it.
+    """
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("fp16 engines run on a CUDA GPU only; use --precision fp32 on CPU")
+    return torch.autocast(device.type, dtype=torch.float16, enabled=precision == "fp16")
+
+
+class PrecisionWrapper(nn.Module):
+    """`module` under the engine precision (FP16 matrices + autocast for "fp16"), outputs as
+    FP32 boxes/scores and int64 labels: what the Inductor and TensorRT backends compile."""
+
+    def __init__(self, module: nn.Module, device: torch.device, precision: str) -> None:
+        super().__init__()
+        self.module = half_matrices_(module) if precision == "fp16" else module
+        self.device, self.precision = device, precision
+
+    def forward(self, images: Tensor, masks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        with autocast(self.device, self.precision):
+            boxes, scores, labels = self.module(images, masks)
+        return boxes.float(), scores.float(), labels

@@ -1,0 +1,142 @@
+"""Engine directories: the eager backend equals the model, the manifest refuses foreign builds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from codetr_stream.compile import build_model
+from codetr_stream.compile.engines import (
+    IncompatibleEngine,
+    Manifest,
+    ManifestError,
+    build_engine,
+    load_engine,
+)
+from codetr_stream.compile.engines.manifest import current_environment
+from codetr_stream.compile.export import example_inputs
+
+HW = (128, 160)  # 1,020 tokens >= 100 queries; small for 2 CI cores
+
+
+@pytest.fixture(scope="module")
+def tiny(data_dir: Path) -> tuple[torch.nn.Module, dict]:
+    config = json.loads((data_dir / "tiny_config.json").read_text())
+    return build_model(config, data_dir / "tiny_codino.pth"), config
+
+
+@pytest.fixture(scope="module")
+def eager_dir(tiny: tuple[torch.nn.Module, dict], tmp_path_factory: pytest.TempPathFactory,
+              data_dir: Path) -> Path:
+    model, config = tiny
+    out = tmp_path_factory.mktemp("eager")
+    build_engine(model, out, backend="eager", precision="fp32", input_hw=HW, batch_sizes=[1, 2],
+                 config_name="tiny", config=config, device="cpu",
+                 checkpoint=str(data_dir / "tiny_codino.pth"))
+    return out
+
+
+def _inputs(batch: int, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    images, masks = example_inputs(batch, HW, "cpu", seed=seed)
+    masks[0, 100:, :] = True  # real padding in the first image
+    masks[0, :, 120:] = True
+    return images, masks
+
+
+def test_eager_engine_equals_the_model(eager_dir: Path,
+                                       tiny: tuple[torch.nn.Module, dict]) -> None:
+    engine = load_engine(eager_dir, "cpu")
+    images, masks = _inputs(2)
+    with torch.no_grad():
+        want = tiny[0](images, masks)
+    for got_t, want_t in zip(engine.infer(images, masks), want, strict=True):
+        assert torch.equal(got_t, want_t)
+    assert engine.manifest.class_names[0] == "person"
+    assert not engine.manifest.random_weights
+
+
+def test_partial_and_oversized_batches_are_padded_and_split(
+        eager_dir: Path, tiny: tuple[torch.nn.Module, dict]) -> None:
+    engine = load_engine(eager_dir, "cpu")
+    images, masks = _inputs(3)
+    boxes, scores, labels = engine.infer(images, masks)  # 2 + 1 (padded to 1)
+    assert boxes.shape[0] == scores.shape[0] == labels.shape[0] == 3
+    with torch.no_grad():
+        alone = tiny[0](images[2:], masks[2:])
+    assert torch.equal(scores[2:], alone[1]) and torch.equal(labels[2:], alone[2])
+
+
+def test_manifest_records_what_the_daemon_needs(eager_dir: Path) -> None:
+    raw = json.loads((eager_dir / "manifest.json").read_text())
+    assert raw["backend"] == "eager" and raw["precision"] == "fp32"
+    assert raw["input_hw"] == list(HW) and raw["batch_sizes"] == [1, 2]
+    assert [s["name"] for s in raw["inputs"]] == ["images", "masks"]
+    assert raw["outputs"][0] == {"name": "boxes", "shape": ["B", 50, 4], "dtype": "float32"}
+    assert len(raw["checkpoint_sha256"] or "x" * 64) == 64
+    assert raw["versions"]["torch"] == torch.__version__
+    assert Manifest.load(eager_dir).input_hw == HW
+
+
+def test_infer_rejects_inputs_of_another_size(eager_dir: Path) -> None:
+    engine = load_engine(eager_dir, "cpu")
+    with pytest.raises(ValueError, match=r"takes images \(N,3,128,160\)"):
+        engine.infer(torch.zeros(1, 3, 64, 64), torch.zeros(1, 64, 64, dtype=torch.bool))
+    with pytest.raises(ValueError, match="bool masks"):
+        engine.infer(torch.zeros(1, 3, *HW), torch.zeros(1, *HW))
+
+
+def _manifest(**changes: object) -> Manifest:
+    env = current_environment("cpu")
+    fields = dict(backend="inductor", precision="fp32", input_hw=(768, 1152), batch_sizes=[1, 8],
+                  config_name="co_dino_swin_l", config={}, class_names=[], random_weights=True,
+                  seed=0, device_name="NVIDIA H100 80GB HBM3", compute_capability="9.0",
+                  versions=dict(env["versions"]))
+    fields.update(changes)
+    return Manifest(**fields)  # type: ignore[arg-type]
+
+
+def _gpu_env(name: str = "NVIDIA H100 80GB HBM3", capability: str = "9.0") -> dict:
+    env = current_environment("cpu")
+    return {**env, "device": "cuda", "device_name": name, "compute_capability": capability}
+
+
+def test_compatibility_rules_per_backend() -> None:
+    assert _manifest().mismatches(_gpu_env()) == []
+    assert _manifest().mismatches(_gpu_env("NVIDIA H200")) == []  # same sm_90 kernels
+    assert "compute capability 9.0" in _manifest().mismatches(_gpu_env("RTX 4090", "8.9"))[0]
+    old_torch = _manifest(versions={**_manifest().versions, "torch": "2.11.0+cu130"})
+    assert "built with torch 2.11.0+cu130" in old_torch.mismatches(_gpu_env())[0]
+    trt = _manifest(backend="tensorrt", versions={"tensorrt": "10.13.0"})
+    problems = trt.mismatches(_gpu_env("NVIDIA H200"))
+    assert any("TensorRT plan built on NVIDIA H100" in p for p in problems)
+    assert any("built with tensorrt 10.13.0" in p for p in problems)
+    eager_fp16 = _manifest(backend="eager", precision="fp16")
+    assert eager_fp16.mismatches(_gpu_env("anything", "8.0")) == []
+    assert "need a CUDA GPU" in eager_fp16.mismatches(current_environment("cpu"))[0]
+
+
+def test_load_refuses_a_gpu_engine_on_this_machine_with_the_rebuild_command(
+        tmp_path: Path) -> None:
+    _manifest().save(tmp_path)
+    with pytest.raises(IncompatibleEngine) as info:
+        load_engine(tmp_path, "cpu")
+    message = str(info.value)
+    assert "built for cuda (NVIDIA H100 80GB HBM3), running on cpu" in message
+    assert (f"codetr-stream compile --config co_dino_swin_l --random-weights --seed 0 "
+            f"--precision fp32 --size 1152x768 --batch 1,8 --backend inductor --out {tmp_path}"
+            in message)
+
+
+def test_malformed_manifests_are_named(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError, match="no manifest"):
+        load_engine(tmp_path, "cpu")
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(ManifestError, match="unreadable manifest"):
+        load_engine(tmp_path, "cpu")
+    raw = json.loads(json.dumps(_manifest().__dict__, default=list))
+    raw["surprise"] = 1
+    (tmp_path / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(ManifestError, match=r"unknown fields \['surprise'\]"):
+        load_engine(tmp_path, "cpu")
