@@ -5,7 +5,7 @@
 #   call 1: carry [".whl"]   bash bench/device_pipeline.sh install .whl
 #   call 2: carry [".whl2"]  bash bench/device_pipeline.sh run .whl2
 # `run` installs its wheels too, then the GPU tests (NVDEC, daemon on CUDA) and the pipeline
-# bench (16 cameras, full-size Co-DINO Swin-L 1152x768 fp16, eager). Logs land in $OUT.
+# bench (16 cameras, full-size Co-DINO Swin-L 1152x768 fp32, eager). Logs land in $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/pipeline-out}
@@ -26,7 +26,7 @@ python3 -c "import av, zmq, pydantic, prometheus_client; print('av', av.__versio
 timeout 240 python3 -m pytest -p no:cacheprovider -m gpu -q -rA -x \
   tests/test_source_gpu.py tests/test_pipeline_gpu.py 2>&1 | tee "$out/pytest.log"
 tests=${PIPESTATUS[0]}
-timeout 300 python3 bench/pipeline.py --build-full fp16 --cameras 16 --fps 5 --seconds 20 \
+timeout 300 python3 bench/pipeline.py --build-full fp32 --cameras 16 --fps 5 --seconds 20 \
   --warmup 5 --out "$out/pipeline.md" 2>&1 | grep -v " INFO " | tee "$out/bench.log"
 bench=${PIPESTATUS[0]}
 echo "pytest exit $tests, bench exit $bench"

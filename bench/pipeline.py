@@ -208,6 +208,8 @@ def main() -> int:
     total = sum(fps)
     e2e = [r[3] for r in window]
     outside = [r[2]["preprocess"] + r[2]["postprocess"] for r in window]
+    pre = [r[2]["preprocess"] for r in window]
+    post = [r[2]["postprocess"] for r in window]
     queue = [r[2]["queue"] for r in window]
     infer = [r[2]["infer"] for r in window]
     offered = args.cameras * args.fps
@@ -229,6 +231,10 @@ def main() -> int:
         "capture->publish p50 / p99 ms": f"{percentile(e2e, 50):.1f} / {percentile(e2e, 99):.1f}",
         "outside engine (pre+post) p50 / p99 ms":
             f"{percentile(outside, 50):.2f} / {percentile(outside, 99):.2f}",
+        "  of which preprocess (per batch, GPU) p50 / p99 ms":
+            f"{percentile(pre, 50):.2f} / {percentile(pre, 99):.2f}",
+        "  of which postprocess (per frame, CPU) p50 / p99 ms":
+            f"{percentile(post, 50):.2f} / {percentile(post, 99):.2f}",
         "queue wait p50 / p99 ms": f"{percentile(queue, 50):.1f} / {percentile(queue, 99):.1f}",
         "engine per batch p50 ms": f"{percentile(infer, 50):.1f}",
         "GPU utilisation mean": (f"{np.mean(sampler.samples):.0f}%" if sampler.samples

@@ -3,7 +3,9 @@
 Real-time detection wants the newest picture, not every picture: a slot holds one frame per
 stream and a newer frame replaces an unread one (counted as a drop), so a slow engine makes the
 daemon skip frames instead of building latency. All slots share one condition variable so the
-batcher sleeps until any stream has something new.
+batcher sleeps until any stream has something new. When the engine cannot take every stream at
+once, the streams that have waited longest since their slot filled go first: a replaced frame
+keeps its stream's place in the queue, so no camera starves.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class FrameSlots:
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._frames: dict[str, Frame] = {}
+        self._waiting_since: dict[str, float] = {}  # when each full slot filled (monotonic)
         self._stats: dict[str, SlotStats] = {}
 
     def add(self, stream: str) -> None:
@@ -62,6 +65,7 @@ class FrameSlots:
     def remove(self, stream: str) -> None:
         with self._cond:
             self._frames.pop(stream, None)
+            self._waiting_since.pop(stream, None)
             self._stats.pop(stream, None)
 
     def put(self, frame: Frame) -> None:
@@ -72,6 +76,8 @@ class FrameSlots:
             stats.put += 1
             if frame.stream in self._frames:
                 stats.dropped += 1
+            else:
+                self._waiting_since[frame.stream] = frame.decoded_mono
             self._frames[frame.stream] = frame
             self._cond.notify_all()
 
@@ -84,9 +90,9 @@ class FrameSlots:
             return len(self._frames)
 
     def oldest(self) -> float | None:
-        """When the oldest waiting frame left its decoder (monotonic), None if none waits."""
+        """Since when the longest-waiting stream has had a frame ready (monotonic), or None."""
         with self._cond:
-            return min((f.decoded_mono for f in self._frames.values()), default=None)
+            return min(self._waiting_since.values(), default=None)
 
     def wait(self, count: int, deadline: float, stop: threading.Event | None = None) -> int:
         """Sleep until `count` frames are ready, `deadline` (monotonic) passes or `stop` is set."""
@@ -99,12 +105,13 @@ class FrameSlots:
             return len(self._frames)
 
     def take(self, limit: int) -> list[Frame]:
-        """Remove and return up to `limit` frames, oldest first (fair across streams)."""
+        """Remove and return up to `limit` frames, longest-waiting streams first."""
         with self._cond:
-            frames = sorted(self._frames.values(), key=lambda f: f.decoded_mono)[:limit]
-            for frame in frames:
-                del self._frames[frame.stream]
-                self._stats[frame.stream].taken += 1
+            streams = sorted(self._frames, key=self._waiting_since.__getitem__)[:limit]
+            frames = [self._frames.pop(name) for name in streams]
+            for name in streams:
+                del self._waiting_since[name]
+                self._stats[name].taken += 1
             return frames
 
     def stats(self, stream: str) -> SlotStats:

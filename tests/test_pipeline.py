@@ -40,6 +40,21 @@ def test_slot_keeps_the_latest_frame_and_counts_drops() -> None:
     assert slots.ready() == 0
 
 
+def test_no_stream_starves_when_the_engine_takes_fewer_than_all() -> None:
+    """16 cameras in lockstep, batches of 8: the cameras skipped once go first next time."""
+    slots = FrameSlots()
+    names = [f"cam{i:02d}" for i in range(16)]
+    for name in names:
+        slots.add(name)
+    served = dict.fromkeys(names, 0)
+    for round_ in range(8):
+        for name in names:  # the same decode order every round
+            slots.put(make_frame(name, round_))
+        for frame in slots.take(8):
+            served[frame.stream] += 1
+    assert set(served.values()) == {4}, served
+
+
 def test_batcher_waits_for_all_streams_or_the_deadline() -> None:
     slots = FrameSlots()
     for name in ("a", "b", "c"):
