@@ -10,15 +10,21 @@ and `diff` says what changed; nothing here is mutated at runtime.
 from __future__ import annotations
 
 import difflib
-import inspect
 import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-import yaml
+from codetr_stream.daemon.config_errors import (
+    ConfigError,
+    KeyPath,
+    Problem,
+    compose_with_lines,
+    dotted,
+    validation_problems,
+)
 from codetr_stream.daemon.detections import COCO_CLASSES
 from codetr_stream.daemon.secrets import SecretError, redact, substitute
 from pydantic import (
@@ -30,7 +36,6 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic.fields import FieldInfo
 
 __all__ = [
     "ConfigDiff", "ConfigError", "DaemonConfig", "Problem", "StreamConfig",
@@ -276,71 +281,7 @@ def resolve_class_ids(
 # ---- loading: YAML with line numbers -> substitution -> validation -> ConfigError ----
 
 
-@dataclass(frozen=True)
-class Problem:
-    file: str
-    line: int | None
-    field: str
-    message: str
-    hint: str = ""
-
-    def __str__(self) -> str:
-        where = f"{self.file}:{self.line}" if self.line else self.file
-        what = f"{self.field}: {self.message}" if self.field else self.message
-        return f"{where}: {what}" + (f" (hint: {self.hint})" if self.hint else "")
-
-
-class ConfigError(Exception):
-    """Every problem found in a config file; str() is one `file:line: field: message` per line."""
-
-    def __init__(self, problems: list[Problem]) -> None:
-        self.problems = tuple(problems)
-        super().__init__("\n".join(map(str, self.problems)))
-
-
-Path_ = tuple[str | int, ...]
-
-
-def _compose(text: str, file: str, problems: list[Problem]) -> tuple[Any, dict[Path_, int]]:
-    """The YAML document as Python data plus the line of every key and list item."""
-    loader = yaml.SafeLoader(text)
-    try:
-        root = loader.get_single_node()
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark else None
-        problems.append(Problem(file, line, "", f"invalid YAML: {exc.problem}"))
-        return None, {}
-    finally:
-        loader.dispose()
-    lines: dict[Path_, int] = {(): 1}
-
-    def build(node: yaml.Node, path: Path_) -> Any:
-        if isinstance(node, yaml.MappingNode):
-            loader.flatten_mapping(node)  # YAML merge keys (<<: *anchor)
-            out: dict[Any, Any] = {}
-            for key_node, value_node in node.value:
-                key = loader.construct_object(key_node, deep=True)
-                line = key_node.start_mark.line + 1
-                if key in out:
-                    problems.append(Problem(file, line, _dotted((*path, key)),
-                                            f"duplicate key (first on line {lines[(*path, key)]})"))
-                    continue
-                lines[(*path, key)] = line
-                out[key] = build(value_node, (*path, key))
-            return out
-        if isinstance(node, yaml.SequenceNode):
-            items = []
-            for i, item in enumerate(node.value):
-                lines[(*path, i)] = item.start_mark.line + 1
-                items.append(build(item, (*path, i)))
-            return items
-        return loader.construct_object(node, deep=True)
-
-    return (build(root, ()) if root is not None else {}), lines
-
-
-def _substitute_all(data: Any, path: Path_, file: str, lines: dict[Path_, int],
+def _substitute_all(data: Any, path: KeyPath, file: str, lines: dict[KeyPath, int],
                     problems: list[Problem]) -> Any:
     if isinstance(data, dict):
         return {k: _substitute_all(v, (*path, k), file, lines, problems) for k, v in data.items()}
@@ -350,59 +291,8 @@ def _substitute_all(data: Any, path: Path_, file: str, lines: dict[Path_, int],
         try:
             return substitute(data)
         except SecretError as exc:
-            problems.append(Problem(file, lines.get(path), _dotted(path), str(exc), SECRET_HINT))
+            problems.append(Problem(file, lines.get(path), dotted(path), str(exc), SECRET_HINT))
     return data
-
-
-def _dotted(path: Path_) -> str:
-    out = ""
-    for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-def _inner_model(annotation: Any) -> type[BaseModel] | None:
-    if inspect.isclass(annotation) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in get_args(annotation):
-        if found := _inner_model(arg):
-            return found
-    return None
-
-
-def _schema_at(path: Path_) -> tuple[type[BaseModel] | None, FieldInfo | None]:
-    """The model expected at `path` (None for a leaf) and the field that holds it."""
-    model: type[BaseModel] | None = DaemonConfig
-    info = None
-    for part in path:
-        if isinstance(part, int):
-            continue
-        if model is None or part not in model.model_fields:
-            return None, None
-        info = model.model_fields[part]
-        model = _inner_model(info.annotation)
-    return model, info
-
-
-def _problem(error: dict[str, Any], file: str, lines: dict[Path_, int]) -> Problem:
-    path: Path_ = ()
-    for part in error["loc"]:  # skip pydantic's union tags such as 'str' or 'function-after[...]'
-        if (*path, part) in lines:
-            path = (*path, part)
-    path_shown = (*path, error["loc"][-1]) if error["type"] == "missing" else path
-    message = "required, missing" if error["type"] == "missing" else error["msg"]
-    message = message.removeprefix("Value error, ")
-    hint = ""
-    if error["type"] == "extra_forbidden":
-        model, _ = _schema_at(path[:-1])
-        allowed = list(model.model_fields) if model else []
-        close = difflib.get_close_matches(str(path[-1]), allowed, n=1)
-        message = "unknown key"
-        hint = f"did you mean '{close[0]}'?" if close else f"allowed keys: {', '.join(allowed)}"
-    else:
-        _, info = _schema_at(path_shown)
-        hint = info.description or "" if info else ""
-    return Problem(file, lines.get(path), _dotted(path_shown), message, hint)
 
 
 def load_config(
@@ -419,7 +309,7 @@ def load_config(
     except OSError as exc:
         raise ConfigError([Problem(file, None, "", f"cannot read: {exc.strerror}")]) from None
     problems: list[Problem] = []
-    data, lines = _compose(text, file, problems)
+    data, lines = compose_with_lines(text, file, problems)
     if problems:
         raise ConfigError(problems)
     if not isinstance(data, dict):
@@ -438,11 +328,7 @@ def load_config(
     try:
         config = DaemonConfig.model_validate(data, context=context)
     except ValidationError as exc:
-        errors = exc.errors(include_input=False)
-        # An invalid item also makes its tuple "too short"; only the item's error is news.
-        deeper = {e["loc"][:n] for e in errors for n in range(len(e["loc"]))}
-        found = [_problem(e, file, lines) for e in errors
-                 if not (e["type"] == "too_short" and e["loc"] in deeper)]
+        found = validation_problems(exc, DaemonConfig, file, lines)
         problems += [p for p in found if p.field not in reported
                      and not (p.field == "streams" and p.message.startswith("duplicate"))]
     if problems:

@@ -18,6 +18,7 @@ from codetr_stream.daemon.config import (
     load_config,
     resolve_class_ids,
 )
+from codetr_stream.daemon.config_errors import inner_model
 from codetr_stream.daemon.detections import COCO_CLASSES
 from codetr_stream.daemon.secrets import RedactingFormatter, redact
 from pydantic import BaseModel
@@ -51,11 +52,9 @@ def test_example_streams_yaml_loads(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _keys(model: type[BaseModel]) -> set[str]:
-    from codetr_stream.daemon.config import _inner_model
-
     names = set(model.model_fields)
     for info in model.model_fields.values():
-        if inner := _inner_model(info.annotation):
+        if inner := inner_model(info.annotation):
             names |= _keys(inner)
     return names
 

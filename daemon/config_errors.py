@@ -1,0 +1,155 @@
+"""Config problems an operator can act on: `file:line: field: message (hint)`.
+
+PyYAML's plain `safe_load` forgets where each value came from and pydantic reports locations as
+key paths, so this module keeps the line of every key and list item while reading the YAML and
+maps each validation error back to it, with a hint: the key probably meant for an unknown key,
+else the field's own description from the schema.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from dataclasses import dataclass
+from typing import Any, get_args
+
+import yaml
+from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
+
+KeyPath = tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: str
+    line: int | None
+    field: str
+    message: str
+    hint: str = ""
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        what = f"{self.field}: {self.message}" if self.field else self.message
+        return f"{where}: {what}" + (f" (hint: {self.hint})" if self.hint else "")
+
+
+class ConfigError(Exception):
+    """Every problem found in a config file; str() is one `file:line: field: message` per line."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = tuple(problems)
+        super().__init__("\n".join(map(str, self.problems)))
+
+
+def dotted(path: KeyPath) -> str:
+    """('streams', 1, 'url') -> 'streams[1].url'."""
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def compose_with_lines(
+    text: str, file: str, problems: list[Problem]
+) -> tuple[Any, dict[KeyPath, int]]:
+    """The YAML document as Python data, plus the line of every key and list item.
+
+    Syntax errors and duplicate keys (which PyYAML would silently resolve to the last one) are
+    appended to `problems`.
+    """
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else None
+        problems.append(Problem(file, line, "", f"invalid YAML: {exc.problem}"))
+        return None, {}
+    finally:
+        loader.dispose()
+    lines: dict[KeyPath, int] = {(): 1}
+
+    def build(node: yaml.Node, path: KeyPath) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            loader.flatten_mapping(node)  # YAML merge keys (<<: *anchor)
+            out: dict[Any, Any] = {}
+            for key_node, value_node in node.value:
+                key = loader.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if key in out:
+                    problems.append(Problem(file, line, dotted((*path, key)),
+                                            f"duplicate key (first on line {lines[(*path, key)]})"))
+                    continue
+                lines[(*path, key)] = line
+                out[key] = build(value_node, (*path, key))
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            items = []
+            for i, item in enumerate(node.value):
+                lines[(*path, i)] = item.start_mark.line + 1
+                items.append(build(item, (*path, i)))
+            return items
+        return loader.construct_object(node, deep=True)
+
+    return (build(root, ()) if root is not None else {}), lines
+
+
+def inner_model(annotation: Any) -> type[BaseModel] | None:
+    """The model class inside an annotation such as `tuple[StreamConfig, ...]` or `X | None`."""
+    if inspect.isclass(annotation) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        if found := inner_model(arg):
+            return found
+    return None
+
+
+def _schema_at(
+    root: type[BaseModel], path: KeyPath
+) -> tuple[type[BaseModel] | None, FieldInfo | None]:
+    """The model expected at `path` (None for a leaf) and the field that holds it."""
+    model: type[BaseModel] | None = root
+    info = None
+    for part in path:
+        if isinstance(part, int):
+            continue
+        if model is None or part not in model.model_fields:
+            return None, None
+        info = model.model_fields[part]
+        model = inner_model(info.annotation)
+    return model, info
+
+
+def _problem(error: Any, root: type[BaseModel], file: str, lines: dict[KeyPath, int]) -> Problem:
+    path: KeyPath = ()
+    for part in error["loc"]:  # skip pydantic's union tags such as 'str' or 'function-after[...]'
+        if (*path, part) in lines:
+            path = (*path, part)
+    missing = error["type"] == "missing"
+    shown = (*path, error["loc"][-1]) if missing else path
+    message = ("required, missing" if missing else error["msg"]).removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        model, _ = _schema_at(root, path[:-1])
+        allowed = list(model.model_fields) if model else []
+        close = difflib.get_close_matches(str(path[-1]), allowed, n=1)
+        message = "unknown key"
+        hint = f"did you mean '{close[0]}'?" if close else f"allowed keys: {', '.join(allowed)}"
+    else:
+        _, info = _schema_at(root, shown)
+        hint = (info.description or "") if info else ""
+    return Problem(file, lines.get(path), dotted(shown), message, hint)
+
+
+def validation_problems(
+    exc: ValidationError, root: type[BaseModel], file: str, lines: dict[KeyPath, int]
+) -> list[Problem]:
+    """One Problem per pydantic error of validating `root`, placed on its YAML line.
+
+    Error messages never include the offending value (it may be a substituted secret).
+    """
+    errors = exc.errors(include_input=False)
+    # An invalid item also makes its tuple "too short"; only the item's error is news.
+    deeper = {e["loc"][:n] for e in errors for n in range(len(e["loc"]))}
+    return [_problem(e, root, file, lines) for e in errors
+            if not (e["type"] == "too_short" and e["loc"] in deeper)]
