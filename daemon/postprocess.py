@@ -40,7 +40,11 @@ def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _torchvision_batched_nms() -> Callable[..., torch.Tensor] | None:
     try:
         from torchvision.ops import batched_nms
-    except (ImportError, RuntimeError):  # absent, or built for another torch
+
+        # A torchvision built for another torch imports but lacks its kernels: try one call.
+        one = torch.zeros(1, 4)
+        batched_nms(one, one[:, 0], one[:, 0].long(), IOU_THRESHOLD)
+    except (ImportError, RuntimeError):
         return None
     return batched_nms
 

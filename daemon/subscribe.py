@@ -25,6 +25,8 @@ def topics(streams: Iterable[str] | None, *, status: bool) -> list[bytes]:
     """Subscription prefixes: every stream (`det.` / `status.`) or exactly the named ones."""
     if streams is None:
         return [b"status." if status else b"det."]
+    if isinstance(streams, str):  # one name, not its characters
+        streams = [streams]
     make = status_topic if status else detection_topic
     return [make(name) for name in streams]
 
