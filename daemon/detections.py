@@ -12,6 +12,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from codetr_stream.daemon.secrets import redact
+
 SCHEMA_VERSION = 1
 
 # The 80 COCO detection classes in the order of the model's label ids (Co-DINO's dataset_meta).
@@ -119,7 +121,7 @@ class FrameResult:
 class StreamStatus:
     """A stream's heartbeat, sent every `publish.status_interval_s` whether or not frames flow.
 
-    `error` is a short, already-redacted reason when the stream is not connected.
+    `error` is a short reason when the stream is not connected, redacted again on the way out.
     `last_frame_age_s` is None before the first frame.
     """
 
@@ -142,6 +144,8 @@ class StreamStatus:
         payload["fps_out"] = round(self.fps_out, 3)
         if self.last_frame_age_s is not None:
             payload["last_frame_age_s"] = round(self.last_frame_age_s, 3)
+        if self.error is not None:  # sources redact already; a message leaves the host: again
+            payload["error"] = redact(self.error)
         return {"schema_version": SCHEMA_VERSION, "type": "status", **payload}
 
     def to_json(self) -> bytes:

@@ -149,6 +149,12 @@ def test_a_subscriber_that_never_reads_costs_the_others_nothing() -> None:
     assert healthy.missed == {}
 
 
+def test_status_errors_never_carry_credentials() -> None:
+    status = heartbeat("cam1")
+    status.connected, status.error = False, "401 from rtsp://admin:Pa55-word@10.0.0.5/s"
+    assert StreamStatus.from_dict(status.to_dict()).error == "401 from rtsp://***@10.0.0.5/s"
+
+
 def test_binding_a_busy_endpoint_names_it() -> None:
     with Publisher("tcp://127.0.0.1:0") as first, \
             pytest.raises(OSError, match=r"cannot bind .*tcp://127\.0\.0\.1:\d+.*publish\.endpoint"):
