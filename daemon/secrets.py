@@ -30,7 +30,7 @@ MIN_REDACTED_LENGTH = 4
 # Substituted secret values, longest first when redacting (a value may contain another).
 _known_secrets: set[str] = set()
 # URL userinfo (`user:pass@`) and credential-like query parameters (`?password=...`).
-_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s?#]+@")
+_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s?#]+@")
 _QUERY_SECRET = re.compile(
     r"(?P<key>[?&;](?:[a-z_]*pass(?:word)?|pwd|token|secret|auth|key|sig(?:nature)?)=)[^&#\s]*",
     re.IGNORECASE,
