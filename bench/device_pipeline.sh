@@ -26,7 +26,7 @@ python3 -c "import av, zmq, pydantic, prometheus_client; print('av', av.__versio
 timeout 240 python3 -m pytest -p no:cacheprovider -m gpu -q -rA -x \
   tests/test_source_gpu.py tests/test_pipeline_gpu.py 2>&1 | tee "$out/pytest.log"
 tests=${PIPESTATUS[0]}
-timeout 300 python3 bench/pipeline.py --build-full fp32 --cameras 16 --fps 5 --seconds 20 \
+timeout 300 python3 bench/pipeline.py --build-full fp32 --cameras 16 --fps 5 --seconds 15 \
   --warmup 5 --out "$out/pipeline.md" 2>&1 | grep -v " INFO " | tee "$out/bench.log"
 bench=${PIPESTATUS[0]}
 echo "pytest exit $tests, bench exit $bench"

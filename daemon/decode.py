@@ -134,6 +134,9 @@ class NvdecDecoder:
         pkt = self._nvc.PacketData()
         pkt.bsl_data = ctypes.addressof(buf)
         pkt.bsl = len(data)
+        # One packet is one picture (the demuxer's access unit): with LOW latency this makes
+        # NVDEC hand the picture out now instead of after the next packet arrives.
+        pkt.decode_flag = self._nvc.VideoPacketFlag.ENDOFPICTURE
         if pts is not None:
             pkt.pts = int(pts)
         pictures = []
