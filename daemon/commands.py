@@ -118,6 +118,9 @@ def run_command(args: argparse.Namespace) -> int:
         return 1
     from codetr_stream.daemon import service
 
+    # Until service.run installs its handler, a `reload` that found the pid file must not kill
+    # the process (SIGHUP's default action): ignore it for that moment.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     with _pid_file(config.pid_file):
         return int(service.run(config, config_path=args.config) or 0)
 

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "codetr_stream.daemon.cli"]
@@ -133,3 +137,41 @@ def test_reload_refuses_an_invalid_config_and_stale_or_missing_pid_files(tmp_pat
     no_pid = write(tmp_path, "engine: {path: e}\n", "nopid.yaml")
     done = cli("reload", "--config", str(no_pid))
     assert done.returncode == 1 and "no pid_file set" in done.stderr
+
+
+@pytest.mark.slow
+def test_run_writes_its_pid_file_and_reload_adds_a_stream(tmp_path: Path) -> None:
+    """The real daemon (tiny CPU engine): `reload` reaches it through the pid file, the new
+    stream's heartbeats appear, and SIGTERM exits 0 and removes the pid file."""
+    from codetr_stream.daemon.subscribe import Subscription
+    from daemon_helpers import build_tiny_engine
+    from rtsp_server import free_port
+
+    engine = build_tiny_engine(tmp_path / "engine", batch_sizes=(1,))
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    head = (f"engine: {{path: {engine}, device: cpu}}\n"
+            f'publish: {{endpoint: "{endpoint}", status_interval_s: 0.2}}\n'
+            "health: {port: 0}\npid_file: daemon.pid\n")
+    path = write(tmp_path, head + "streams: []\n")
+    pid_file = tmp_path / "daemon.pid"
+    daemon = subprocess.Popen([*CLI, "run", "--config", str(path)], stderr=subprocess.PIPE,
+                              text=True)
+    try:
+        with Subscription(endpoint, ["cam9"], status=True) as status:
+            deadline = time.monotonic() + 120
+            while not pid_file.exists():
+                assert daemon.poll() is None and time.monotonic() < deadline, "no pid file"
+                time.sleep(0.1)
+            assert pid_file.read_text().strip() == str(daemon.pid)
+            write(tmp_path, head + 'streams: [{name: cam9, url: "rtsp://127.0.0.1:1/none"}]\n')
+            done = cli("reload", "--config", str(path))
+            assert done.returncode == 0, done.stderr
+            heartbeat = status.receive(timeout_s=120)
+        assert heartbeat is not None and heartbeat["stream"] == "cam9"
+        assert heartbeat["connected"] is False
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=10) == 0
+    finally:
+        daemon.kill()
+        log = daemon.stderr.read()
+    assert not pid_file.exists(), log[-2000:]
