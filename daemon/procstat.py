@@ -108,13 +108,16 @@ class Trend:
     thread_delta: int
 
 
-def trend(samples: list[ProcessSample], warmup_s: float, window: int = 5) -> Trend:
-    """Compare medians of the first and last `window` samples taken after `warmup_s`.
+def trend(samples: list[ProcessSample], warmup_s: float) -> Trend:
+    """Compare the first and last third of the samples taken after `warmup_s`.
 
-    Medians, because one sample taken mid-batch or mid-reconnect is noise, not a leak.
+    Memory: medians, because one sample taken mid-batch is noise, not a leak. Fds and threads:
+    minima, because they rise while a camera reconnects and fall back; what a leak raises is
+    the floor. A third of a soak spans several churn cycles, so both floors see an outage.
     """
     start = samples[0].time_s + warmup_s
     steady = [s for s in samples if s.time_s >= start]
+    window = max(5, len(steady) // 3)
     if len(steady) < 2 * window:
         raise ValueError(
             f"need at least {2 * window} samples after the {warmup_s:g} s warm-up, got "
@@ -122,16 +125,17 @@ def trend(samples: list[ProcessSample], warmup_s: float, window: int = 5) -> Tre
         )
     head, tail = steady[:window], steady[-window:]
 
-    def median(part: list[ProcessSample], field: str) -> float:
-        return statistics.median(getattr(s, field) for s in part)
-
     def growth(field: str) -> float:
-        return median(tail, field) / median(head, field) - 1.0
+        first = statistics.median(getattr(s, field) for s in head)
+        return statistics.median(getattr(s, field) for s in tail) / first - 1.0
+
+    def floor_delta(field: str) -> int:
+        return min(getattr(s, field) for s in tail) - min(getattr(s, field) for s in head)
 
     has_gpu = all(s.gpu_reserved_bytes for s in head + tail)
     return Trend(
         rss_growth=growth("rss_bytes"),
         gpu_growth=growth("gpu_reserved_bytes") if has_gpu else None,
-        fd_delta=round(median(tail, "open_fds") - median(head, "open_fds")),
-        thread_delta=round(median(tail, "threads") - median(head, "threads")),
+        fd_delta=floor_delta("open_fds"),
+        thread_delta=floor_delta("threads"),
     )
