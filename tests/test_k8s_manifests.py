@@ -149,3 +149,18 @@ def test_one_replica_count_sets_workers_sharding_and_proxy(tmp_path) -> None:
     assert env(container(sts, "worker"))["CODETR_SHARD_REPLICAS"] == "5"
     proxy = objects[("Deployment", "codetr-stream-proxy")]
     assert env(container(proxy, "proxy"))["CODETR_SHARD_REPLICAS"] == "5"
+
+
+def test_services_select_their_pods(objects) -> None:
+    """A selector typo passes every schema and leaves a Service with no endpoints."""
+    sts = only(objects, "StatefulSet")
+    proxy = objects[("Deployment", "codetr-stream-proxy")]
+    for service, workload in ((sts["spec"]["serviceName"], sts),
+                              ("codetr-stream-proxy", proxy)):
+        selector = objects[("Service", service)]["spec"]["selector"]
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        assert selector.items() <= labels.items(), f"Service {service} selects no pod"
+        assert workload["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    worker_pods = sts["spec"]["template"]["metadata"]["labels"]
+    proxy_selector = objects[("Service", "codetr-stream-proxy")]["spec"]["selector"]
+    assert not proxy_selector.items() <= worker_pods.items(), "proxy Service selects workers"
