@@ -3,8 +3,9 @@
     python bench/msda.py [--out DIR] [--results bench/RESULTS.md] [--model-share]
 
 Variants, side by side in one run: `triton` (plugin/kernel.py, one program per query block of a
-(batch, head)), `per_output` (the classic im2col design: one lane per output element, same
-source) and `grid_sample` (the reference of plugin/reference.py). Shapes: 5 levels 192x288 ..
+(batch, head)) and two code shapes of it (`unrolled` levels, `head_major` value copy),
+`per_output` (the classic im2col design: one lane per output element, same source) and
+`grid_sample` (the reference of plugin/reference.py). Shapes: 5 levels 192x288 ..
 12x18 (73,656 tokens), 8 heads, 4 points, head dim 32; encoder queries = all tokens, decoder
 queries = 900; batch 1 and 8; FP16 and FP32. Locations are realistic (reference points plus
 offsets of a few pixels, boxes for the decoder), so neighbouring queries share cache lines as
@@ -88,9 +89,12 @@ def floor_bytes(args, out_dtype: torch.dtype) -> int:
 
 VARIANTS = {
     "triton": lambda args: ms_deform_attn_triton(*args),
+    "unrolled": lambda args: ms_deform_attn_triton(*args, unroll_levels=True),
+    "head_major": lambda args: ms_deform_attn_triton(*args, head_major=True),
     "per_output": lambda args: ms_deform_attn_triton(*args, per_output=True),
     "grid_sample": lambda args: ms_deform_attn_reference(*args),
 }
+KERNELS = [name for name in VARIANTS if name != "grid_sample"]
 
 
 def check(args, dtype) -> dict[str, float]:
@@ -105,7 +109,7 @@ def check(args, dtype) -> dict[str, float]:
     for name, fn in VARIANTS.items():
         got = fn(args)
         errors[name] = (got.double() - expected).abs().max().item()
-        if name != "grid_sample" and not errors[name] <= TOLERANCE[dtype]:
+        if name in KERNELS and not errors[name] <= TOLERANCE[dtype]:
             raise SystemExit(f"{name} {dtype}: max abs error {errors[name]:.3g} > "
                              f"{TOLERANCE[dtype]:g}; not timing a wrong kernel")
     del expected
@@ -121,10 +125,9 @@ def time_us(fn) -> float:
 def sweep(args) -> dict[str, float]:
     """Block shapes of the main kernel, to choose `block_config`'s default."""
     results = {}
-    for block_q in (16, 32, 64, 128):
-        for warps in (2, 4, 8):
-            results[f"BLOCK_Q={block_q},warps={warps}"] = time_us(
-                lambda bq=block_q, w=warps: ms_deform_attn_triton(*args, block_q=bq, num_warps=w))
+    for block_q, warps in ((16, 2), (32, 4), (64, 4), (64, 8), (128, 8)):
+        results[f"BLOCK_Q={block_q},warps={warps}"] = time_us(
+            lambda bq=block_q, w=warps: ms_deform_attn_triton(*args, block_q=bq, num_warps=w))
     return results
 
 
@@ -183,6 +186,8 @@ def main() -> int:
                 nbytes = floor_bytes(case, dtype)
                 floor_us = 1e6 * nbytes / bw
                 times = {name: time_us(lambda f=fn, c=case: f(c)) for name, fn in VARIANTS.items()}
+                # what head_major spends on its (B,S,H,D) -> (B,H,S,D) copy
+                times["copy"] = time_us(lambda c=case: c[0].transpose(1, 2).contiguous())
                 entry = dict(kind=kind, batch=batch, dtype=str(dtype), queries=case[3].shape[1],
                              bytes=nbytes, floor_us=floor_us, times_us=times, errors=errors)
                 if not args.no_sweep and batch == 1 and dtype == torch.float16:
@@ -193,7 +198,7 @@ def main() -> int:
                     f"| {kind} | {batch} | {str(dtype)[6:]} | {case[3].shape[1]:,} | "
                     f"{nbytes / 1e6:.1f} | {floor_us:.1f} | "
                     + " | ".join(f"{times[n]:.1f} ({times[n] / floor_us:.2f}x)" for n in VARIANTS)
-                    + f" | {errors['triton']:.1e} |"
+                    + f" | {times['copy']:.1f} | {max(errors[n] for n in KERNELS):.1e} |"
                 )
                 del case
                 torch.cuda.empty_cache()
@@ -221,10 +226,12 @@ def main() -> int:
         f"Device: {device} (floor bandwidth {bw / 1e12:.2f} TB/s), torch {torch.__version__}, "
         f"date {datetime.date.today()}, command `{command}`.\n"
         f"Median of `triton.testing.do_bench` (CUDA events, L2 flushed before each call), "
-        f"microseconds, and ratio to the memory floor. Max abs error of `triton` vs float64 "
-        f"in the last column.\n\n"
-        "| call | batch | dtype | queries | floor MB | floor us | triton | per_output | "
-        "grid_sample | err |\n|---|---|---|---|---|---|---|---|---|---|\n"
+        f"microseconds, and ratio to the memory floor. `triton` is the op's kernel; `unrolled` "
+        f"unrolls its level loop; `head_major` first copies value to (B,H,S,D) (the copy alone "
+        f"in `copy`); `per_output` is the classic one-lane-per-output design; `grid_sample` the "
+        f"reference. `err`: max abs error of the Triton variants vs float64.\n\n"
+        "| call | batch | dtype | queries | floor MB | floor us | "
+        + " | ".join(VARIANTS) + " | copy | err |\n|" + "---|" * (len(VARIANTS) + 8) + "\n"
         + "\n".join(rows) + "\n" + share + ("\n" + sweep_note if sweep_note else "")
     )
     print(section)

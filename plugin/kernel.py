@@ -7,8 +7,8 @@ levels x points x 4 corners are accumulated in FP32 registers. `msda_fwd_kernel_
 the classic im2col design (one lane per output element), kept as the benchmark's baseline.
 
 Sampling follows `grid_sample(align_corners=False, padding_mode="zeros")`: pixel x = loc * W - 0.5,
-corners outside the map contribute zero. The fraction is taken with an FMA against the floor so a
-float32 location keeps ~1e-7 precision even at x ~ 300 (plain `loc * W - 0.5` loses ~1e-5).
+corners outside the map contribute zero. Pixel coordinates are formed in float64 (per query and
+point, not per element), which keeps the bilinear fraction exact to float32 rounding at x ~ 300.
 
 Kernel arguments follow TensorRT's AOT plugin convention: input pointers, then int32 scalars,
 then the output pointer (plugin/tensorrt.py launches the same compiled kernel).
@@ -30,15 +30,15 @@ def _accumulate_point(
 
     EXPAND: rows are queries and columns the head dim (2-D tile); else one lane per output.
     """
-    wf = w_l.to(tl.float32)
-    hf = h_l.to(tl.float32)
+    # Pixel coordinates in float64: loc * W is exact there (24 + 16 bits), so the fraction
+    # keeps full float32 precision even at x ~ 300, where float32 would lose ~1e-5.
+    x = lx.to(tl.float64) * w_l - 0.5
+    y = ly.to(tl.float64) * h_l - 0.5
     # Clamp far-away points: every corner of a clamped point is outside the map anyway.
-    x = tl.minimum(tl.maximum(lx * wf - 0.5, -2.0), wf + 1.0)
-    y = tl.minimum(tl.maximum(ly * hf - 0.5, -2.0), hf + 1.0)
-    x0f = tl.floor(x)
-    y0f = tl.floor(y)
-    fx = tl.fma(lx, wf, -(x0f + 0.5))
-    fy = tl.fma(ly, hf, -(y0f + 0.5))
+    x0f = tl.floor(tl.minimum(tl.maximum(x, -2.0), w_l + 1.0))
+    y0f = tl.floor(tl.minimum(tl.maximum(y, -2.0), h_l + 1.0))
+    fx = (x - x0f).to(tl.float32)
+    fy = (y - y0f).to(tl.float32)
     x0 = x0f.to(tl.int32)
     y0 = y0f.to(tl.int32)
     for dy in tl.static_range(2):
@@ -65,6 +65,26 @@ def _accumulate_point(
 
 
 @triton.jit
+def _accumulate_level(
+    acc, v_ptr, row_stride, cols, col_mask, shapes_ptr, starts_ptr, loc_ptr, attw_ptr, lp_base,
+    mask, lvl, POINTS: tl.constexpr, EXPAND: tl.constexpr
+):
+    """All points of level `lvl`; lp_base indexes the (b, q, h) row of locations / weights."""
+    h_l = tl.load(shapes_ptr + 2 * lvl).to(tl.int32)
+    w_l = tl.load(shapes_ptr + 2 * lvl + 1).to(tl.int32)
+    start = tl.load(starts_ptr + lvl).to(tl.int32)
+    for p in tl.static_range(POINTS):
+        i = lp_base + lvl * POINTS + p
+        a = tl.load(attw_ptr + i, mask=mask, other=0.0).to(tl.float32)
+        lx = tl.load(loc_ptr + 2 * i, mask=mask, other=0.0)
+        ly = tl.load(loc_ptr + 2 * i + 1, mask=mask, other=0.0)
+        acc = _accumulate_point(
+            acc, v_ptr, row_stride, cols, col_mask, lx, ly, a, h_l, w_l, start, EXPAND=EXPAND
+        )
+    return acc
+
+
+@triton.jit
 def msda_fwd_kernel(
     value_ptr,
     shapes_ptr,
@@ -80,8 +100,14 @@ def msda_fwd_kernel(
     POINTS: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    HEAD_MAJOR: tl.constexpr = False,
+    UNROLL_LEVELS: tl.constexpr = False,
 ):
-    """Grid (cdiv(Q, BLOCK_Q), B * H): one program = BLOCK_Q queries x the head dim."""
+    """Grid (cdiv(Q, BLOCK_Q), B * H): one program = BLOCK_Q queries x the head dim.
+
+    HEAD_MAJOR: value laid out (B,H,S,D) instead of (B,S,H,D). UNROLL_LEVELS: unroll the level
+    loop too (more loads in flight, longer compile).
+    """
     pid_q = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // num_heads
@@ -90,24 +116,24 @@ def msda_fwd_kernel(
     q_mask = q < num_queries
     d = tl.arange(0, BLOCK_D)
     d_mask = d < DIM
-    row_stride = num_heads * DIM
+    if HEAD_MAJOR:
+        row_stride = DIM
+        v_ptr = value_ptr + pid_bh.to(tl.int64) * num_tokens * DIM
+    else:
+        row_stride = num_heads * DIM
+        v_ptr = value_ptr + b.to(tl.int64) * num_tokens * row_stride + h * DIM
     # (b, q, h) row of the locations / weights / output, in int64 (B*Q*H*L*P*2 can pass 2^31).
     bqh = (b.to(tl.int64) * num_queries + q) * num_heads + h
     lp_base = bqh * (LEVELS * POINTS)
-    v_ptr = value_ptr + b.to(tl.int64) * num_tokens * row_stride + h * DIM
     acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
-    for lvl in range(LEVELS):
-        h_l = tl.load(shapes_ptr + 2 * lvl).to(tl.int32)
-        w_l = tl.load(shapes_ptr + 2 * lvl + 1).to(tl.int32)
-        start = tl.load(starts_ptr + lvl).to(tl.int32)
-        for p in tl.static_range(POINTS):
-            i = lp_base + lvl * POINTS + p
-            a = tl.load(attw_ptr + i, mask=q_mask, other=0.0).to(tl.float32)
-            lx = tl.load(loc_ptr + 2 * i, mask=q_mask, other=0.0).to(tl.float32)
-            ly = tl.load(loc_ptr + 2 * i + 1, mask=q_mask, other=0.0).to(tl.float32)
-            acc = _accumulate_point(
-                acc, v_ptr, row_stride, d, d_mask, lx, ly, a, h_l, w_l, start, EXPAND=True
-            )
+    if UNROLL_LEVELS:
+        for lvl in tl.static_range(LEVELS):
+            acc = _accumulate_level(acc, v_ptr, row_stride, d, d_mask, shapes_ptr, starts_ptr,
+                                    loc_ptr, attw_ptr, lp_base, q_mask, lvl, POINTS, True)
+    else:
+        for lvl in range(LEVELS):
+            acc = _accumulate_level(acc, v_ptr, row_stride, d, d_mask, shapes_ptr, starts_ptr,
+                                    loc_ptr, attw_ptr, lp_base, q_mask, lvl, POINTS, True)
     out = out_ptr + bqh[:, None] * DIM + d[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=q_mask[:, None] & d_mask[None, :])
 
@@ -140,17 +166,8 @@ def msda_fwd_kernel_per_output(
     v_ptr = value_ptr + b * num_tokens * row_stride
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for lvl in range(LEVELS):
-        h_l = tl.load(shapes_ptr + 2 * lvl).to(tl.int32)
-        w_l = tl.load(shapes_ptr + 2 * lvl + 1).to(tl.int32)
-        start = tl.load(starts_ptr + lvl).to(tl.int32)
-        for p in tl.static_range(POINTS):
-            i = lp_base + lvl * POINTS + p
-            a = tl.load(attw_ptr + i, mask=mask, other=0.0).to(tl.float32)
-            lx = tl.load(loc_ptr + 2 * i, mask=mask, other=0.0).to(tl.float32)
-            ly = tl.load(loc_ptr + 2 * i + 1, mask=mask, other=0.0).to(tl.float32)
-            acc = _accumulate_point(
-                acc, v_ptr, row_stride, h * DIM + d, mask, lx, ly, a, h_l, w_l, start, EXPAND=False
-            )
+        acc = _accumulate_level(acc, v_ptr, row_stride, h * DIM + d, mask, shapes_ptr,
+                                starts_ptr, loc_ptr, attw_ptr, lp_base, mask, lvl, POINTS, False)
     tl.store(out_ptr + bqh * DIM + d, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -167,6 +184,8 @@ def ms_deform_attn_triton(
     sampling_locations: Tensor,
     attention_weights: Tensor,
     per_output: bool = False,
+    head_major: bool = False,
+    unroll_levels: bool = False,
     block_q: int | None = None,
     num_warps: int | None = None,
 ) -> Tensor:
@@ -174,7 +193,8 @@ def ms_deform_attn_triton(
 
     Shapes as the op; spatial_shapes and level_start_index must live on value's device (the
     kernel reads them there, so no host sync is needed and CUDA-graph capture works).
-    block_q / num_warps override `block_config` (the benchmark's sweep).
+    per_output: the classic one-lane-per-output kernel. head_major: copy value to (B,H,S,D)
+    first. unroll_levels, block_q, num_warps: code-shape options (the benchmark compares them).
     """
     batch, tokens, heads, dim = value.shape
     _, queries, _, levels, points, _ = sampling_locations.shape
@@ -184,6 +204,8 @@ def ms_deform_attn_triton(
     spatial_shapes = spatial_shapes.contiguous()
     level_start_index = level_start_index.contiguous()
     out = value.new_empty(batch, queries, heads * dim)
+    if head_major and not per_output:
+        value = value.transpose(1, 2).contiguous()
     args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     sizes = (tokens, queries, heads, out)
     if per_output:
@@ -199,6 +221,6 @@ def ms_deform_attn_triton(
         grid = (triton.cdiv(queries, block_q), batch * heads)
         wrap_triton(msda_fwd_kernel)[grid](
             *args, *sizes, DIM=dim, LEVELS=levels, POINTS=points, BLOCK_Q=block_q, BLOCK_D=block_d,
-            num_warps=warps,
+            HEAD_MAJOR=head_major, UNROLL_LEVELS=unroll_levels, num_warps=warps,
         )
     return out

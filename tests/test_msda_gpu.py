@@ -37,14 +37,18 @@ def _id(case):
     return f"b{batch}-q{queries}-h{heads}-d{dim}-l{len(shapes)}-p{points}-{str(dtype)[6:]}"
 
 
-@pytest.mark.parametrize("per_output", [False, True], ids=["blocked", "per_output"])
+VARIANTS = {"blocked": {}, "per_output": {"per_output": True}, "head_major": {"head_major": True},
+            "unrolled": {"unroll_levels": True}}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("case", CASES, ids=_id)
-def test_kernel_matches_float64(case, per_output):
+def test_kernel_matches_float64(case, variant):
     batch, queries, heads, dim, shapes, points, dtype = case
     args = make_inputs(batch, queries, heads, dim, shapes, points, dtype=dtype, device="cuda",
                        seed=queries)
     expected = msda_float64(*args)
-    got = op._kernel.ms_deform_attn_triton(*args, per_output=per_output)
+    got = op._kernel.ms_deform_attn_triton(*args, **VARIANTS[variant])
     assert got.dtype == dtype and got.shape == expected.shape
     error = (got.double() - expected).abs().max().item()
     assert error <= TOLERANCE[dtype], f"max abs error {error:.3g}"

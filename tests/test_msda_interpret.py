@@ -25,7 +25,7 @@ CASES = {
     "thin-maps-dim48": (2, 6, 1, 48, [(2, 11), (9, 1)], 3, "float32"),
     "half-dim24": (2, 19, 2, 24, [(6, 5), (3, 3)], 4, "float16"),
 }
-VARIANTS = {"blocked": False, "per_output": True}
+VARIANTS = {"blocked": {}, "per_output": {"per_output": True}, "head_major": {"head_major": True}}
 
 
 def _interpret_all() -> None:
@@ -39,8 +39,8 @@ def _interpret_all() -> None:
         args = make_inputs(batch, queries, heads, dim, shapes, points,
                            dtype=getattr(torch, dtype), seed=len(name))
         expected = msda_float64(*args)
-        for variant, per_output in VARIANTS.items():
-            got = ms_deform_attn_triton(*args, per_output=per_output)
+        for variant, options in VARIANTS.items():
+            got = ms_deform_attn_triton(*args, **options)
             assert got.dtype == args[0].dtype, got.dtype
             errors[f"{name}/{variant}"] = (got.double() - expected).abs().max().item()
     print(json.dumps(errors))
