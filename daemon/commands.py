@@ -61,12 +61,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=subscribe_command)
 
 
+def _engine_class_names(engine_dir: Path) -> tuple[str, ...] | None:
+    """The class names in the engine's manifest, if it is already built and readable."""
+    try:
+        from codetr_stream.compile.engines.manifest import Manifest, ManifestError
+    except ImportError:  # a daemon-only install
+        return None
+    try:
+        return tuple(Manifest.load(engine_dir).class_names) or None
+    except ManifestError:  # not built yet (first start builds it), or the daemon says why
+        return None
+
+
 def _load(path: Path):
-    """The config, or None after printing every problem to stderr."""
+    """The config, or None after printing every problem to stderr.
+
+    Class allow-lists are checked against the engine's own class names when its manifest is
+    there (as the daemon does on reload), else against COCO's.
+    """
     from codetr_stream.daemon.config import ConfigError, load_config
+    from codetr_stream.daemon.detections import COCO_CLASSES
 
     try:
-        return load_config(path)
+        names = _engine_class_names(load_config(path, class_names=None).engine.path)
+    except ConfigError:
+        names = None  # the full report below says why
+    try:
+        return load_config(path, class_names=names or COCO_CLASSES)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         print(f"{path}: {len(exc.problems)} problem(s)", file=sys.stderr)

@@ -263,8 +263,10 @@ def resolve_class_ids(
     ids, unknown = set(), []
     lookup = {name: i for i, name in enumerate(class_names)}
     for entry in classes:
-        if isinstance(entry, int):
-            (ids.add(entry) if 0 <= entry < len(class_names) else unknown.append(str(entry)))
+        if isinstance(entry, int) and 0 <= entry < len(class_names):
+            ids.add(entry)
+        elif isinstance(entry, int):
+            unknown.append(str(entry))
         elif entry in lookup:
             ids.add(lookup[entry])
         else:

@@ -175,3 +175,22 @@ def test_run_writes_its_pid_file_and_reload_adds_a_stream(tmp_path: Path) -> Non
         daemon.kill()
         log = daemon.stderr.read()
     assert not pid_file.exists(), log[-2000:]
+
+
+def test_class_names_come_from_the_engine_manifest_when_built(tmp_path: Path) -> None:
+    from codetr_stream.compile.engines.manifest import Manifest
+
+    engine = tmp_path / "engine"
+    engine.mkdir()
+    Manifest(backend="eager", precision="fp32", input_hw=(256, 320), batch_sizes=[1],
+             config_name="custom", config={}, class_names=["pallet", "forklift"],
+             random_weights=True).save(engine)
+    stream = '  - {name: dock, url: "rtsp://h/", classes: [%s]}\n'
+    custom = write(tmp_path, "engine: {path: engine}\nstreams:\n" + stream % "forklift")
+    assert cli("check-config", str(custom)).returncode == 0
+    coco = write(tmp_path, "engine: {path: engine}\nstreams:\n" + stream % "person", "coco.yaml")
+    done = cli("check-config", str(coco))
+    assert done.returncode == 1
+    assert "unknown classes 'person'; use one of the model's 2 class names" in done.stderr
+    unbuilt = write(tmp_path, "engine: {path: nowhere}\nstreams:\n" + stream % "person", "u.yaml")
+    assert cli("check-config", str(unbuilt)).returncode == 0  # COCO until the engine exists
