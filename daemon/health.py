@@ -157,8 +157,11 @@ class Liveness:
         self._streams: dict[str, dict[str, Any]] = {}
 
     def set_engine_warm(self, warm: bool = True) -> None:
+        """Warm-up done; counts as a beat, since the thread that warmed up runs the loop next
+        (so /healthz agrees with READY=1 from the first moment)."""
         with self._lock:
             self._warm = warm
+            self._beat = self._clock()
 
     def beat(self) -> None:
         with self._lock:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -150,3 +153,60 @@ def test_no_watchdog_configured_never_pings(monkeypatch: pytest.MonkeyPatch) -> 
     policy = systemd.WatchdogPolicy(stall_s=5, send=lambda: sent.append(True) or True)
     assert not policy.tick(expecting_frames=False)
     assert sent == []
+
+
+@pytest.mark.slow
+def test_the_daemon_speaks_sd_notify_as_systemd_expects(tmp_path: Path) -> None:
+    """`codetr-stream run` under a fake service manager's socket: READY=1 only once healthy,
+    WATCHDOG=1 while idle by design (no camera configured), RELOADING=1 then READY=1 on SIGHUP,
+    STOPPING=1 and exit 0 on SIGTERM."""
+    from daemon_helpers import build_tiny_engine, write_config
+
+    engine = build_tiny_engine(tmp_path / "tiny", batch_sizes=(1,))
+    config = write_config(tmp_path / "streams.yaml", engine, {}, endpoint="tcp://127.0.0.1:0")
+    health = "127.0.0.1", free_port()
+    config.write_text(config.read_text().replace("health: {port: 0}",
+                                                 f"health: {{port: {health[1]}}}"))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(tmp_path / "notify.sock"))
+        sock.settimeout(120)
+        env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify.sock"),
+               "WATCHDOG_USEC": "1000000"}
+        daemon = subprocess.Popen([sys.executable, "-m", "codetr_stream.daemon.cli", "run",
+                                   "--config", str(config)], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            def next_message() -> list[str]:
+                return sock.recv(4096).decode().split("\n")
+
+            first = next_message()
+            assert first[0] == "READY=1", daemon.stderr
+            assert healthz_status(health) == 200  # READY means serving, not starting
+            sock.settimeout(5)
+            assert next_message() == ["WATCHDOG=1"]  # no camera: idle by design, still fed
+            daemon.send_signal(signal.SIGHUP)
+            seen = [next_message()[0] for _ in range(4)]
+            assert "RELOADING=1" in seen
+            assert seen.index("READY=1", seen.index("RELOADING=1")) > 0
+            daemon.send_signal(signal.SIGTERM)
+            while (message := next_message())[0] == "WATCHDOG=1":
+                pass
+            assert message[0] == "STOPPING=1"
+            assert daemon.wait(timeout=10) == 0
+        finally:
+            daemon.kill()
+            daemon.communicate()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def healthz_status(address: tuple[str, int]) -> int:
+    try:
+        with urllib.request.urlopen(f"http://{address[0]}:{address[1]}/healthz", timeout=5) as r:
+            return r.status
+    except urllib.error.HTTPError as error:
+        return error.code
