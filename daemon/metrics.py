@@ -20,13 +20,24 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .procstat import gpu_memory, sample_process
 
 __all__ = ["CONTENT_TYPE", "Metrics", "StreamMetrics"]
+
+# `*_created` timestamps would double the series per camera, and counter resets already show
+# restarts to Prometheus; prometheus_client only offers this switch process-wide.
+disable_created_metrics()
 
 # The classic text format: every Prometheus version and agent reads it, and our names are ASCII.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

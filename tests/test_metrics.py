@@ -52,6 +52,7 @@ def test_stream_counters_are_separate_per_stream() -> None:
     assert one(metrics, "codetr_stream_stream_connected", stream="cam2") == 1
     assert one(metrics, "codetr_stream_stream_connected", stream="cam1") == 0
     assert metrics.stream("cam1") is cam1
+    assert not [name for name, _ in scrape(metrics) if name.endswith("_created")]
 
 
 def test_last_frame_age_counts_from_the_last_decoded_frame() -> None:
