@@ -64,7 +64,9 @@ def annotate(
     line = max(2, round(image.width / 400))
     font = ImageFont.load_default(size=max(12, image.width // 60))
     for det in detections:
-        x1, y1, x2, y2 = (v * scale for v in det.box)
+        # Sorted: Pillow refuses an inverted rectangle, and one odd box must not cost the image.
+        x1, x2 = sorted((det.box[0] * scale, det.box[2] * scale))
+        y1, y2 = sorted((det.box[1] * scale, det.box[3] * scale))
         color = _color(det.class_id)
         draw.rectangle((x1, y1, x2, y2), outline=color, width=line)
         text = f"{det.class_name} {det.score:.2f}"

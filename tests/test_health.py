@@ -186,6 +186,12 @@ def test_annotate_downscales_boxes_with_the_image() -> None:
     assert image[150, 200].sum() < 30
 
 
+def test_annotate_draws_an_inverted_box_instead_of_failing() -> None:
+    det = Detection(class_id=1, class_name="bicycle", score=0.4, box=(120.0, 100.0, 40.0, 40.0))
+    image = np.asarray(Image.open(io.BytesIO(annotate(gray(), [det]))).convert("RGB")).astype(int)
+    assert np.abs(image[70, 40] - 128).sum() > 60
+
+
 def test_annotate_rejects_non_rgb_input() -> None:
     with pytest.raises(ValueError, match="HxWx3 uint8"):
         annotate(np.zeros((4, 4), np.float32), [])
