@@ -136,12 +136,11 @@ def _choose_device(args: argparse.Namespace, backend: str, precision: str) -> An
     return device
 
 
-def _load_model(args: argparse.Namespace) -> tuple[Any, dict[str, Any], str, str | None]:
-    """(model, config dict, config name, checkpoint sha256) after checking the inputs."""
+def _check_model_args(args: argparse.Namespace) -> tuple[Any, str, dict[str, Any]]:
+    """(parsed config, config name, config dict) once config, size and weights file check out;
+    runs before any progress bar so that a mistake is the only line printed."""
     import json
 
-    import torch
-    from codetr_stream.compile import build_model
     from codetr_stream.compile.export import check_input_size
 
     cfg = parse_config(args.config)
@@ -150,9 +149,15 @@ def _load_model(args: argparse.Namespace) -> tuple[Any, dict[str, Any], str, str
         raise UsageError(f"--weights {args.weights}: no such file (fetch it with "
                          "`codetr-stream fetch-weights`, or pass --random-weights)")
     if args.config in BUILTIN:
-        name, config = args.config, BUILTIN[args.config]()
-    else:
-        name, config = cfg.name, json.loads(Path(args.config).read_text())
+        return cfg, args.config, BUILTIN[args.config]()
+    return cfg, cfg.name, json.loads(Path(args.config).read_text())
+
+
+def _load_model(args: argparse.Namespace, cfg: Any) -> tuple[Any, str | None]:
+    """(model, checkpoint sha256): the checkpoint's weights, or seeded random ones."""
+    import torch
+    from codetr_stream.compile import build_model
+
     digest = None
     if args.weights is not None:
         from codetr_stream.compile.weights import sha256_file
@@ -164,7 +169,7 @@ def _load_model(args: argparse.Namespace) -> tuple[Any, dict[str, Any], str, str
         model = build_model(args.config)
     if not model.class_names:
         model.class_names = [f"class_{i}" for i in range(cfg.head.num_classes)]
-    return model, config, name, digest
+    return model, digest
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -175,8 +180,9 @@ def _export(args: argparse.Namespace) -> int:
         max_abs_diff,
     )
 
+    cfg, _, _ = _check_model_args(args)
     device = _choose_device(args, "eager", "fp32")
-    model, _, _, _ = _load_model(args)
+    model, _ = _load_model(args, cfg)
     model = model.to(device)
     started = time.perf_counter()
     program = export_for_batches(model, args.size, args.batch, device)[args.batch[-1]]
@@ -197,6 +203,7 @@ def _compile(args: argparse.Namespace) -> int:
     from codetr_stream.compile.engines.numerics import check_engine
     from tqdm import tqdm
 
+    cfg, name, config = _check_model_args(args)
     device = _choose_device(args, args.backend, args.precision)
     if args.backend == "tensorrt":
         from codetr_stream.compile.engines.tensorrt import _import_torch_tensorrt
@@ -206,7 +213,7 @@ def _compile(args: argparse.Namespace) -> int:
     with tqdm(total=3, desc="compile", unit="stage") as bar:
         started = time.perf_counter()
         bar.set_postfix_str("model")
-        model, config, name, digest = _load_model(args)
+        model, digest = _load_model(args, cfg)
         times["model"] = time.perf_counter() - started
         bar.update()
         bar.set_postfix_str(f"{args.backend} build")

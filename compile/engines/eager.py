@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from codetr_stream.compile.engines.base import Engine, Outputs
 from codetr_stream.compile.engines.manifest import Manifest
-from codetr_stream.compile.engines.precision import autocast, half_matrices_
+from codetr_stream.compile.engines.precision import PrecisionWrapper
 from torch import Tensor, nn
 
 WEIGHTS_FILE = "weights.pt"
@@ -42,13 +42,11 @@ def build(model: nn.Module, out_dir: Path, manifest: Manifest, device: torch.dev
 
 
 def load_model(path: Path, manifest: Manifest, device: torch.device) -> nn.Module:
-    """The PyTorch model of an engine directory, on `device`, with the manifest's precision."""
+    """The PyTorch model of an engine directory on `device`, under the manifest's precision."""
     from codetr_stream.compile import build_model
 
     model = build_model(manifest.config, path / manifest.files["weights"], device=device)
-    if manifest.precision == "fp16":
-        half_matrices_(model)
-    return model
+    return PrecisionWrapper(model, device, manifest.precision)
 
 
 class EagerEngine(Engine):
@@ -58,9 +56,7 @@ class EagerEngine(Engine):
 
     @torch.inference_mode()
     def _run(self, images: Tensor, masks: Tensor) -> Outputs:
-        with autocast(self.device, self.manifest.precision):
-            boxes, scores, labels = self.model(images, masks)
-        return boxes.float(), scores.float(), labels
+        return self.model(images, masks)
 
 
 def load(path: Path, manifest: Manifest, device: torch.device) -> EagerEngine:

@@ -82,7 +82,7 @@ class InductorEngine(Engine):
                 continue
             name = manifest.files[f"program_b{b}"]
             if name not in prepared:
-                program = programs[b] if programs else torch.export.load(str(self.path / name))
+                program = programs[b] if programs else _load_program(self.path / name)
                 module = self._prepare(program)
                 prepared[name] = module, torch.compile(module, fullgraph=True, dynamic=False)
             self.modules[b], fn = prepared[name]
@@ -91,7 +91,7 @@ class InductorEngine(Engine):
             self.compile_seconds[str(b)] = round(time.perf_counter() - started, 2)
 
     def _prepare(self, program: torch.export.ExportedProgram) -> PrecisionWrapper:
-        module = program.module()
+        module = _on_device(program.module(), self.device)
         for param in module.parameters():
             param.requires_grad_(False)
         return PrecisionWrapper(module, self.device, self.manifest.precision)
@@ -122,9 +122,15 @@ class _Graph:
                 for _ in range(2):
                     fn(self.images, self.masks)
             torch.cuda.current_stream(device).wait_stream(stream)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.outputs = fn(self.images, self.masks)
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph):
+                    self.outputs = fn(self.images, self.masks)
+            except RuntimeError as exc:  # still correct without the graph, only slower
+                log.warning("batch %d: CUDA graph capture failed, running without: %s",
+                            batch, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                return
+            self.graph = graph
 
     def __call__(self, images: Tensor, masks: Tensor) -> Outputs:
         with torch.inference_mode():
@@ -134,6 +140,25 @@ class _Graph:
             self.masks.copy_(masks)
             self.graph.replay()
             return tuple(o.clone() for o in self.outputs)  # type: ignore[return-value]
+
+
+def _on_device(module: nn.Module, device: torch.device) -> nn.Module:
+    """Move parameters, buffers and the program's lifted tensor constants (plain attributes,
+    e.g. level shapes made with torch.tensor) to `device`: a host-to-device copy inside the
+    graph would make CUDA graph capture fail."""
+    module.to(device)
+    for owner in module.modules():
+        for name, value in list(vars(owner).items()):
+            if isinstance(value, torch.Tensor) and value.device != device:
+                setattr(owner, name, value.to(device))
+    return module
+
+
+def _load_program(path: Path) -> torch.export.ExportedProgram:
+    """torch.export.load, after registering the MSDA op the program calls."""
+    import codetr_stream.plugin  # noqa: F401  (registers torch.ops.codetr.ms_deform_attn)
+
+    return torch.export.load(str(path))
 
 
 def _aoti_problem() -> str | None:

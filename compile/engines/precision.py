@@ -16,10 +16,15 @@ from torch import Tensor, nn
 
 
 def half_matrices_(module: nn.Module) -> nn.Module:
-    """Store parameters of 2+ dims in FP16 in place (1-D biases and norm weights stay FP32)."""
-    for param in module.parameters():
-        if param.dim() >= 2 and param.is_floating_point():
-            param.data = param.data.half()
+    """Give parameters of 2+ dims FP16 copies (1-D biases and norm weights stay FP32).
+
+    The parameter objects are replaced, not modified: an exported program's module shares them
+    with the model it was exported from, which must stay FP32 (it is the reference).
+    """
+    for owner in module.modules():
+        for name, param in list(owner.named_parameters(recurse=False)):
+            if param.dim() >= 2 and param.is_floating_point():
+                setattr(owner, name, nn.Parameter(param.detach().half(), requires_grad=False))
     return module
 
 
@@ -43,6 +48,8 @@ class PrecisionWrapper(nn.Module):
         self.device, self.precision = device, precision
 
     def forward(self, images: Tensor, masks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if self.precision == "fp16":
+            images = images.half()  # the model checks images against its (FP16) conv weights
         with autocast(self.device, self.precision):
             boxes, scores, labels = self.module(images, masks)
         return boxes.float(), scores.float(), labels

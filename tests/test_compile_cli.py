@@ -1,0 +1,74 @@
+"""`codetr-stream compile/export`: user mistakes are one line on stderr and exit code 2;
+a good eager build prints a summary and leaves a loadable engine."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TINY = ["--config", "tests/data/tiny_config.json"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "codetr_stream.daemon.cli", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _one_line_error(out: subprocess.CompletedProcess[str], text: str) -> None:
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and text in lines[0], out.stderr[-2000:]
+
+
+@pytest.mark.parametrize(("args", "text"), [
+    (["--weights", "missing.pth"], "--weights missing.pth: no such file (fetch it with"),
+    (["--config", "co_dino_swin_xl", "--random-weights"], "unknown model config 'co_dino_swin_xl'"),
+    (["--random-weights", "--size", "1150x768"], "must be multiples of 32"),
+    (["--random-weights", "--size", "64x32"], "fewer than the 900 queries"),
+    (["--random-weights", "--precision", "fp16", "--device", "cpu"],
+     "--precision fp16 needs a CUDA GPU"),
+    (["--random-weights", "--backend", "tensorrt", "--precision", "fp32", "--device", "cpu"],
+     "--backend tensorrt needs a CUDA GPU"),
+], ids=["missing-weights", "unknown-config", "size-not-multiple", "size-too-small",
+        "fp16-without-gpu", "tensorrt-without-gpu"])
+def test_bad_input_is_one_line(tmp_path: Path, args: list[str], text: str) -> None:
+    extra = [] if "--precision" in args else ["--precision", "fp32"]
+    _one_line_error(cli("compile", "--backend", "eager", *extra, *args, "--out",
+                        str(tmp_path / "e")), text)
+
+
+def test_size_error_names_the_nearest_valid_size(tmp_path: Path) -> None:
+    out = cli("compile", *TINY, "--random-weights", "--precision", "fp32", "--size", "390x250",
+              "--out", str(tmp_path))
+    _one_line_error(out, "nearest: 384x256")
+
+
+@pytest.mark.slow
+def test_eager_compile_prints_a_summary_and_loads(tmp_path: Path) -> None:
+    out = cli("compile", *TINY, "--weights", "tests/data/tiny_codino.pth", "--precision", "fp32",
+              "--backend", "eager", "--size", "160x128", "--batch", "1,2", "--device", "cpu",
+              "--out", str(tmp_path / "e"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "engine " in out.stdout and "weights.pt" in out.stdout
+    assert "top10_agreement 1.0" in out.stdout  # the eager engine is the model itself
+    from codetr_stream.compile.engines import load_engine
+
+    assert load_engine(tmp_path / "e", "cpu").manifest.batch_sizes == [1, 2]
+
+
+@pytest.mark.slow
+def test_random_weights_are_recorded(tmp_path: Path) -> None:
+    out = cli("compile", *TINY, "--random-weights", "--seed", "3", "--precision", "fp32",
+              "--backend", "eager", "--size", "160x128", "--batch", "1", "--device", "cpu",
+              "--out", str(tmp_path / "e"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "(RANDOM WEIGHTS)" in out.stdout
+    import json
+
+    manifest = json.loads((tmp_path / "e" / "manifest.json").read_text())
+    assert manifest["random_weights"] is True and manifest["seed"] == 3
+    assert manifest["checkpoint"] is None

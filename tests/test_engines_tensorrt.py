@@ -1,0 +1,68 @@
+"""The TensorRT backend: build through Torch-TensorRT, run with plain TensorRT. Skipped (with the
+reason) where TensorRT cannot be imported, which is every machine this project has so far."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from codetr_stream.compile.engines.tensorrt import TensorRTUnavailable, import_tensorrt
+
+HW = (128, 160)
+
+
+def _tensorrt_problem() -> str | None:
+    try:
+        import_tensorrt()
+    except TensorRTUnavailable as exc:
+        return str(exc)
+    return None
+
+
+needs_tensorrt = pytest.mark.skipif(_tensorrt_problem() is not None,
+                                    reason=f"{_tensorrt_problem()}")
+
+
+def test_cli_says_tensorrt_is_absent_in_one_line(tmp_path: Path) -> None:
+    problem = _tensorrt_problem()
+    if problem is None:
+        pytest.skip("TensorRT is installed here")
+    out = subprocess.run([sys.executable, "-m", "codetr_stream.daemon.cli", "compile",
+                          "--random-weights", "--backend", "tensorrt", "--precision", "fp32",
+                          "--device", "cpu", "--out", str(tmp_path / "e")],
+                         capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0
+    assert "needs a CUDA GPU" in out.stderr or "TensorRT is not installed" in out.stderr
+
+
+@pytest.mark.gpu
+@needs_tensorrt
+def test_tensorrt_engine_matches_eager_without_torch_tensorrt_at_run_time(
+        data_dir: Path, tmp_path: Path) -> None:
+    from codetr_stream.compile import build_model
+    from codetr_stream.compile.engines import build_engine
+    from codetr_stream.compile.export import example_inputs
+
+    config = json.loads((data_dir / "tiny_config.json").read_text())
+    model = build_model(config, data_dir / "tiny_codino.pth", device="cuda")
+    build_engine(model, tmp_path, backend="tensorrt", precision="fp32", input_hw=HW,
+                 batch_sizes=[1, 2], config_name="tiny", config=config, device="cuda")
+    images, masks = example_inputs(2, HW, "cuda", seed=2)
+    with torch.no_grad():
+        want = model(images, masks)
+    torch.save((images.cpu(), masks.cpu(), [t.cpu() for t in want]), tmp_path / "case.pt")
+    # Run in a process where importing torch_tensorrt fails: only tensorrt + torch are used.
+    code = ("import sys, torch; sys.modules['torch_tensorrt'] = None;"
+            "from codetr_stream.compile.engines import load_engine;"
+            "i, m, want = torch.load(sys.argv[2], weights_only=True);"
+            "got = load_engine(sys.argv[1], 'cuda').infer(i.cuda(), m.cuda());"
+            "print(float((got[1].cpu() - want[1]).abs().max()))")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path), str(tmp_path / "case.pt")],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.strip().splitlines()[-1]) < 1e-3
