@@ -3,14 +3,14 @@
     python bench/msda.py [--out DIR] [--results bench/RESULTS.md] [--model-share]
 
 Variants, side by side in one run: `triton` (plugin/kernel.py, one program per query block of a
-(batch, head)) and two code shapes of it (`unrolled` levels, `head_major` value copy),
-`per_output` (the classic im2col design: one lane per output element, same source) and
-`grid_sample` (the reference of plugin/reference.py). Shapes: 5 levels 192x288 ..
+(batch, head)), `per_output` (the classic im2col design: one lane per output element, same
+source) and `grid_sample` (the reference of plugin/reference.py). Shapes: 5 levels 192x288 ..
 12x18 (73,656 tokens), 8 heads, 4 points, head dim 32; encoder queries = all tokens, decoder
 queries = 900; batch 1 and 8; FP16 and FP32. Locations are realistic (reference points plus
 offsets of a few pixels, boxes for the decoder), so neighbouring queries share cache lines as
-they do in the model. Numerics are checked against float64 before anything is timed. Time:
-`triton.testing.do_bench` (CUDA events, L2 flushed before every call), median.
+they do in the model. Numerics are checked against float64 before anything is timed. Time: GPU
+time per call from CUDA-graph replays over rotating input sets (no host overhead, no warm L2),
+and eager calls through `triton.testing.do_bench` for comparison.
 
 Floor: the bytes one call must move (value + locations + weights read once, output written
 once) over the GPU's DRAM bandwidth, taken from the device name. `--model-share` also profiles
@@ -24,6 +24,7 @@ import argparse
 import datetime
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -89,11 +90,10 @@ def floor_bytes(args, out_dtype: torch.dtype) -> int:
 
 VARIANTS = {
     "triton": lambda args: ms_deform_attn_triton(*args),
-    "unrolled": lambda args: ms_deform_attn_triton(*args, unroll_levels=True),
-    "head_major": lambda args: ms_deform_attn_triton(*args, head_major=True),
     "per_output": lambda args: ms_deform_attn_triton(*args, per_output=True),
     "grid_sample": lambda args: ms_deform_attn_reference(*args),
 }
+L2_BYTES = 50e6  # H100 / H200 L2: rotate through input sets several times larger
 KERNELS = [name for name in VARIANTS if name != "grid_sample"]
 
 
@@ -117,17 +117,42 @@ def check(args, dtype) -> dict[str, float]:
 
 
 def time_us(fn) -> float:
+    """Eager calls: CUDA events around each call, L2 flushed before it (host launch included)."""
     import triton.testing
 
     return 1e3 * triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
 
 
-def sweep(args) -> dict[str, float]:
+def time_graph_us(fn, cases, replays: int = 15) -> float:
+    """GPU time of one call: a CUDA graph of 2 rounds over input sets larger than L2 together
+    (so no call finds its inputs cached), replayed; median per call. No host overhead."""
+    for case in cases:
+        fn(case)
+    torch.cuda.synchronize()
+    calls = 2 * len(cases)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fn(cases[i % len(cases)])
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(replays):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    del graph
+    return statistics.median(times)
+
+
+def sweep(cases) -> dict[str, float]:
     """Block shapes of the main kernel, to choose `block_config`'s default."""
     results = {}
-    for block_q, warps in ((16, 2), (32, 4), (64, 4), (64, 8), (128, 8)):
-        results[f"BLOCK_Q={block_q},warps={warps}"] = time_us(
-            lambda bq=block_q, w=warps: ms_deform_attn_triton(*args, block_q=bq, num_warps=w))
+    for block_q, warps in ((16, 2), (32, 4), (64, 4), (64, 8)):
+        results[f"BLOCK_Q={block_q},warps={warps}"] = time_graph_us(
+            lambda c, bq=block_q, w=warps: ms_deform_attn_triton(*c, block_q=bq, num_warps=w),
+            cases)
     return results
 
 
@@ -185,22 +210,26 @@ def main() -> int:
                 errors = check(case, dtype)
                 nbytes = floor_bytes(case, dtype)
                 floor_us = 1e6 * nbytes / bw
-                times = {name: time_us(lambda f=fn, c=case: f(c)) for name, fn in VARIANTS.items()}
-                # what head_major spends on its (B,S,H,D) -> (B,H,S,D) copy
-                times["copy"] = time_us(lambda c=case: c[0].transpose(1, 2).contiguous())
+                sets = min(8, max(2, math.ceil(4 * L2_BYTES / nbytes)))
+                cases = [case] + [make_case(kind, batch, dtype, seed) for seed in range(1, sets)]
+                times = {name: time_graph_us(fn, cases) for name, fn in VARIANTS.items()
+                         if name in KERNELS}
+                # grid_sample reads the level shapes on the host: no graph, eager calls.
+                times["grid_sample"] = time_us(lambda c=case: ms_deform_attn_reference(*c))
+                times["triton_eager"] = time_us(lambda c=case: ms_deform_attn_triton(*c))
                 entry = dict(kind=kind, batch=batch, dtype=str(dtype), queries=case[3].shape[1],
                              bytes=nbytes, floor_us=floor_us, times_us=times, errors=errors)
                 if not args.no_sweep and batch == 1 and dtype == torch.float16:
-                    entry["sweep_us"] = sweep(case)
+                    entry["sweep_us"] = sweep(cases)
                 record["cases"].append(entry)
                 print(json.dumps(entry), flush=True)
                 rows.append(
                     f"| {kind} | {batch} | {str(dtype)[6:]} | {case[3].shape[1]:,} | "
                     f"{nbytes / 1e6:.1f} | {floor_us:.1f} | "
                     + " | ".join(f"{times[n]:.1f} ({times[n] / floor_us:.2f}x)" for n in VARIANTS)
-                    + f" | {times['copy']:.1f} | {max(errors[n] for n in KERNELS):.1e} |"
+                    + f" | {times['triton_eager']:.1f} | {max(errors[n] for n in KERNELS):.1e} |"
                 )
-                del case
+                del case, cases
                 torch.cuda.empty_cache()
     share = ""
     if args.model_share:
@@ -225,13 +254,15 @@ def main() -> int:
         f"## MSDA kernel (bench/msda.py)\n\n"
         f"Device: {device} (floor bandwidth {bw / 1e12:.2f} TB/s), torch {torch.__version__}, "
         f"date {datetime.date.today()}, command `{command}`.\n"
-        f"Median of `triton.testing.do_bench` (CUDA events, L2 flushed before each call), "
-        f"microseconds, and ratio to the memory floor. `triton` is the op's kernel; `unrolled` "
-        f"unrolls its level loop; `head_major` first copies value to (B,H,S,D) (the copy alone "
-        f"in `copy`); `per_output` is the classic one-lane-per-output design; `grid_sample` the "
-        f"reference. `err`: max abs error of the Triton variants vs float64.\n\n"
+        f"Microseconds per call and ratio to the memory floor. `triton` (the op's kernel) and "
+        f"`per_output` (the classic one-lane-per-output design, same source): GPU time, median "
+        f"over replays of a CUDA graph cycling through input sets 4x the L2 size. `grid_sample` "
+        f"(the reference; it reads level shapes on the host, so no graph) and `triton eager`: "
+        f"median of `triton.testing.do_bench` over eager calls (CUDA events, L2 flushed), host "
+        f"launch included. `err`: max abs error of the Triton kernels vs float64.\n\n"
         "| call | batch | dtype | queries | floor MB | floor us | "
-        + " | ".join(VARIANTS) + " | copy | err |\n|" + "---|" * (len(VARIANTS) + 8) + "\n"
+        + " | ".join(VARIANTS) + " | triton eager | err |\n|" + "---|" * (len(VARIANTS) + 8)
+        + "\n"
         + "\n".join(rows) + "\n" + share + ("\n" + sweep_note if sweep_note else "")
     )
     print(section)

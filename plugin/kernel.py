@@ -100,14 +100,8 @@ def msda_fwd_kernel(
     POINTS: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    HEAD_MAJOR: tl.constexpr = False,
-    UNROLL_LEVELS: tl.constexpr = False,
 ):
-    """Grid (cdiv(Q, BLOCK_Q), B * H): one program = BLOCK_Q queries x the head dim.
-
-    HEAD_MAJOR: value laid out (B,H,S,D) instead of (B,S,H,D). UNROLL_LEVELS: unroll the level
-    loop too (more loads in flight, longer compile).
-    """
+    """Grid (cdiv(Q, BLOCK_Q), B * H): one program = BLOCK_Q queries x the head dim."""
     pid_q = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // num_heads
@@ -116,24 +110,15 @@ def msda_fwd_kernel(
     q_mask = q < num_queries
     d = tl.arange(0, BLOCK_D)
     d_mask = d < DIM
-    if HEAD_MAJOR:
-        row_stride = DIM
-        v_ptr = value_ptr + pid_bh.to(tl.int64) * num_tokens * DIM
-    else:
-        row_stride = num_heads * DIM
-        v_ptr = value_ptr + b.to(tl.int64) * num_tokens * row_stride + h * DIM
+    row_stride = num_heads * DIM
+    v_ptr = value_ptr + b.to(tl.int64) * num_tokens * row_stride + h * DIM
     # (b, q, h) row of the locations / weights / output, in int64 (B*Q*H*L*P*2 can pass 2^31).
     bqh = (b.to(tl.int64) * num_queries + q) * num_heads + h
     lp_base = bqh * (LEVELS * POINTS)
     acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
-    if UNROLL_LEVELS:
-        for lvl in tl.static_range(LEVELS):
-            acc = _accumulate_level(acc, v_ptr, row_stride, d, d_mask, shapes_ptr, starts_ptr,
-                                    loc_ptr, attw_ptr, lp_base, q_mask, lvl, POINTS, True)
-    else:
-        for lvl in range(LEVELS):
-            acc = _accumulate_level(acc, v_ptr, row_stride, d, d_mask, shapes_ptr, starts_ptr,
-                                    loc_ptr, attw_ptr, lp_base, q_mask, lvl, POINTS, True)
+    for lvl in range(LEVELS):  # rolled: unrolling measured slower (bench/msda_notes.md)
+        acc = _accumulate_level(acc, v_ptr, row_stride, d, d_mask, shapes_ptr, starts_ptr,
+                                loc_ptr, attw_ptr, lp_base, q_mask, lvl, POINTS, True)
     out = out_ptr + bqh[:, None] * DIM + d[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=q_mask[:, None] & d_mask[None, :])
 
@@ -184,8 +169,6 @@ def ms_deform_attn_triton(
     sampling_locations: Tensor,
     attention_weights: Tensor,
     per_output: bool = False,
-    head_major: bool = False,
-    unroll_levels: bool = False,
     block_q: int | None = None,
     num_warps: int | None = None,
 ) -> Tensor:
@@ -193,8 +176,8 @@ def ms_deform_attn_triton(
 
     Shapes as the op; spatial_shapes and level_start_index must live on value's device (the
     kernel reads them there, so no host sync is needed and CUDA-graph capture works).
-    per_output: the classic one-lane-per-output kernel. head_major: copy value to (B,H,S,D)
-    first. unroll_levels, block_q, num_warps: code-shape options (the benchmark compares them).
+    per_output: the classic one-lane-per-output kernel (the benchmark's baseline).
+    block_q / num_warps override `block_config` (the benchmark's sweep).
     """
     batch, tokens, heads, dim = value.shape
     _, queries, _, levels, points, _ = sampling_locations.shape
@@ -204,8 +187,6 @@ def ms_deform_attn_triton(
     spatial_shapes = spatial_shapes.contiguous()
     level_start_index = level_start_index.contiguous()
     out = value.new_empty(batch, queries, heads * dim)
-    if head_major and not per_output:
-        value = value.transpose(1, 2).contiguous()
     args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     sizes = (tokens, queries, heads, out)
     if per_output:
@@ -221,6 +202,6 @@ def ms_deform_attn_triton(
         grid = (triton.cdiv(queries, block_q), batch * heads)
         wrap_triton(msda_fwd_kernel)[grid](
             *args, *sizes, DIM=dim, LEVELS=levels, POINTS=points, BLOCK_Q=block_q, BLOCK_D=block_d,
-            HEAD_MAJOR=head_major, UNROLL_LEVELS=unroll_levels, num_warps=warps,
+            num_warps=warps,
         )
     return out

@@ -48,7 +48,7 @@ def compile_kernel(dtypes: dict[str, str], dim: int, levels: int, points: int,
         "out_ptr": f"*{dtypes['value']}",
     }
     constexprs = {"DIM": dim, "LEVELS": levels, "POINTS": points, "BLOCK_Q": block_q,
-                  "BLOCK_D": block_d, "HEAD_MAJOR": False, "UNROLL_LEVELS": False}
+                  "BLOCK_D": block_d}
     if list(signature) + list(constexprs) != list(msda_fwd_kernel.arg_names):
         raise RuntimeError(f"{__file__}: signature out of date with msda_fwd_kernel's arguments")
     signature.update(dict.fromkeys(constexprs, "constexpr"))

@@ -37,8 +37,7 @@ def _id(case):
     return f"b{batch}-q{queries}-h{heads}-d{dim}-l{len(shapes)}-p{points}-{str(dtype)[6:]}"
 
 
-VARIANTS = {"blocked": {}, "per_output": {"per_output": True}, "head_major": {"head_major": True},
-            "unrolled": {"unroll_levels": True}}
+VARIANTS = {"blocked": {}, "per_output": {"per_output": True}}
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

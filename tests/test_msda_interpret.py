@@ -25,7 +25,7 @@ CASES = {
     "thin-maps-dim48": (2, 6, 1, 48, [(2, 11), (9, 1)], 3, "float32"),
     "half-dim24": (2, 19, 2, 24, [(6, 5), (3, 3)], 4, "float16"),
 }
-VARIANTS = {"blocked": {}, "per_output": {"per_output": True}, "head_major": {"head_major": True}}
+VARIANTS = {"blocked": {}, "per_output": {"per_output": True}}
 
 
 def _interpret_all() -> None:
