@@ -84,8 +84,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("bench", help="benchmarks (from a source checkout)")
     sub = p.add_subparsers(dest="bench", metavar="WHAT", required=True)
+    # Every argument goes to bench/engine.py: no option prefix of its own ("+"), so argparse
+    # passes --sizes etc. through instead of rejecting them.
     q = sub.add_parser("engine", help="eager vs Inductor vs TensorRT side by side (GPU)",
-                       add_help=False)
+                       add_help=False, prefix_chars="+")
     q.add_argument("args", nargs=argparse.REMAINDER, help="arguments of bench/engine.py")
     q.set_defaults(handler=_guard(_bench_engine))
 

@@ -72,3 +72,9 @@ def test_random_weights_are_recorded(tmp_path: Path) -> None:
     manifest = json.loads((tmp_path / "e" / "manifest.json").read_text())
     assert manifest["random_weights"] is True and manifest["seed"] == 3
     assert manifest["checkpoint"] is None
+
+
+def test_fetch_weights_offline_is_one_line(tmp_path: Path) -> None:
+    out = cli("fetch-weights", "--url", "http://127.0.0.1:9/model-00000000.pth", "--cache-dir",
+              str(tmp_path), "--no-progress")
+    _one_line_error(out, "cannot reach http://127.0.0.1:9/model-00000000.pth")
