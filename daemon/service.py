@@ -41,6 +41,7 @@ from codetr_stream.daemon.source import Backoff, Source, SourceSettings
 log = logging.getLogger(__name__)
 
 OnResult = Callable[[Frame, FrameResult], None]
+Restrict = Callable[[DaemonConfig], DaemonConfig]
 JOIN_TIMEOUT_S = 3.0  # sources blocked in a read longer than this die with the process
 WATCHDOG_STALL_S = 30.0
 
@@ -79,11 +80,16 @@ class _Stream:
 
 class Service:
     def __init__(self, config: DaemonConfig, *, config_path: str | Path | None = None,
-                 on_result: OnResult | None = None) -> None:
-        self.config = config
+                 on_result: OnResult | None = None, restrict: Restrict | None = None) -> None:
+        self.restrict = restrict or (lambda c: c)
+        self.config = self.restrict(config)
         self.config_path = Path(config_path) if config_path is not None else None
         self.on_result = on_result
         self.device = select_device(config)
+        if len(config.engine.gpus) > 1:
+            log.warning("engine.gpus lists %d GPUs; this process serves %s only: run one worker "
+                        "per GPU (see `codetr-stream shard`)", len(config.engine.gpus),
+                        self.device)
         self.slots = FrameSlots()
         self.metrics = Metrics()
         self.liveness = Liveness()
@@ -175,13 +181,15 @@ class Service:
             return False
         systemd.reloading()
         try:
-            new = load_config(self.config_path, class_names=tuple(self.runner.class_names))
+            new = self.restrict(load_config(self.config_path,
+                                            class_names=tuple(self.runner.class_names)))
         except ConfigError as exc:
             for problem in exc.problems:
                 log.error("reload rejected: %s", problem)
             log.error("keeping the running config (%d streams)", len(self.streams))
             systemd.ready(f"{len(self.streams)} streams (reload rejected)")
             return False
+        self._retired = [s for s in self._retired if not s.join(0)]  # finished: forget them
         change = diff(self.config, new)
         for section in change.restart_required:
             log.warning("reload: changes to `%s` take effect at the next restart", section)
@@ -271,13 +279,14 @@ class Service:
 
 def run(config: DaemonConfig, *, stop_event: threading.Event | None = None,
         reload_event: threading.Event | None = None, config_path: str | Path | None = None,
-        on_result: OnResult | None = None) -> int:
+        on_result: OnResult | None = None, restrict: Restrict | None = None) -> int:
     """Run the daemon until SIGTERM/SIGINT or `stop_event`; SIGHUP (or `reload_event`) re-reads
     `config_path`.
 
     Signal handlers are installed only when called from the main thread (tests and embedders
     run it in a thread and use the events). `on_result(frame, result)` sees every published
-    frame with its decoded pixels. Returns the process exit code.
+    frame with its decoded pixels. `restrict` maps every loaded config (at start and on each
+    reload) to the part this process serves, e.g. `Shard.restrict`. Returns the exit code.
     """
     stop = stop_event or threading.Event()
     reload = reload_event or threading.Event()
@@ -286,7 +295,7 @@ def run(config: DaemonConfig, *, stop_event: threading.Event | None = None,
         for sig, event in ((signal.SIGTERM, stop), (signal.SIGINT, stop),
                            (signal.SIGHUP, reload)):
             previous[sig] = signal.signal(sig, lambda *_, e=event: e.set())
-    service = Service(config, config_path=config_path, on_result=on_result)
+    service = Service(config, config_path=config_path, on_result=on_result, restrict=restrict)
     try:
         service.start()
         service.serve(stop, reload)

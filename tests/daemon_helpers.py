@@ -52,17 +52,18 @@ def write_config(path: Path, engine: Path, streams: dict[str, str], *, endpoint:
 class DaemonThread:
     """`service.run` in a thread, with the stop/reload events and an `on_result` tap."""
 
-    def __init__(self, config_path: Path, on_result=None) -> None:
+    def __init__(self, config_path: Path, on_result=None, restrict=None) -> None:
         self.stop = threading.Event()
         self.reload = threading.Event()
         self.error: BaseException | None = None
         config = load_config(config_path)
-        self.thread = threading.Thread(target=self._run, args=(config, config_path, on_result))
+        self.thread = threading.Thread(target=self._run,
+                                       args=(config, config_path, on_result, restrict))
 
-    def _run(self, config, config_path, on_result) -> None:
+    def _run(self, config, config_path, on_result, restrict) -> None:
         try:
             service.run(config, stop_event=self.stop, reload_event=self.reload,
-                        config_path=config_path, on_result=on_result)
+                        config_path=config_path, on_result=on_result, restrict=restrict)
         except BaseException as exc:
             self.error = exc
             raise

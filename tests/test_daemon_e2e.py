@@ -212,6 +212,26 @@ def test_reload_adds_and_removes_cameras_without_resetting_others(engine, tmp_pa
 
 
 @pytest.mark.slow
+def test_restrict_keeps_only_this_workers_streams_across_reloads(engine, tmp_path) -> None:
+    """A sharded worker's `restrict` applies at start and to every reloaded file."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    odd = lambda config: config.model_copy(update={  # noqa: E731
+        "streams": tuple(s for s in config.streams if s.name.endswith(("1", "3")))})
+    with RtspServer(["cam1=h264@5", "cam2=h264@5/smpte", "cam3=h264@5/snow"]) as srv:
+        urls = {name: srv.url(name) for name in ("cam1", "cam2", "cam3")}
+        path = write_config(tmp_path / "streams.yaml", engine,
+                            {"cam1": urls["cam1"], "cam2": urls["cam2"]}, endpoint=endpoint)
+        sub = subscriber(endpoint, b"det.")
+        with DaemonThread(path, restrict=odd) as daemon:
+            messages = receive(sub, lambda m: len(per_stream(m)["cam1"]) >= 2, timeout=60)
+            write_config(path, engine, urls, endpoint=endpoint)
+            daemon.reload.set()
+            messages += receive(sub, lambda m: len(per_stream(m)["cam3"]) >= 2, timeout=60)
+        sub.close()
+    assert set(per_stream(messages)) == {"cam1", "cam3"}
+
+
+@pytest.mark.slow
 def test_sigterm_exits_zero_quickly(engine, tmp_path) -> None:
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     with RtspServer(["cam1=h264@5"]) as srv:
