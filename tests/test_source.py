@@ -57,10 +57,10 @@ def collector():
     c.close()
 
 
-def test_h264_and_hevc_frames_flow_with_increasing_indexes(collector) -> None:
+def test_h264_and_hevc_over_tcp_and_udp_flow_with_increasing_indexes(collector) -> None:
     with RtspServer(["avc=h264:320x240@5", "hev=hevc:352x288@5"]) as srv:
         collector.add("avc", srv.url("avc"))
-        collector.add("hev", srv.url("hev"))
+        collector.add("hev", srv.url("hev"), transport="udp")
         collector.drain(30, until=lambda c: c.count("avc") >= 4 and c.count("hev") >= 4)
     for name, (w, h) in (("avc", (320, 240)), ("hev", (352, 288))):
         frames = collector.frames[name]
