@@ -12,10 +12,9 @@ API (`tensorrt.plugin`, TensorRT >= 10.8):
 The kernel keeps TensorRT's AOT calling convention (input pointers, int32 scalars, output
 pointer). H, D, L and P must be static (they are in the model: the kernel specialises on them);
 B, S and Q may be dynamic. Pointers are declared 16-byte aligned (TensorRT's I/O buffers are).
-TensorRT and Torch-TensorRT are imported only inside `register()`.
+TensorRT and Torch-TensorRT are imported only inside `register()`. No `from __future__ import
+annotations` here: `tensorrt.plugin` reads the plugin functions' annotations as live objects.
 """
-
-from __future__ import annotations
 
 from typing import Any
 
@@ -97,9 +96,10 @@ def register() -> None:
         sampling_locations: trtp.TensorDesc,
         attention_weights: trtp.TensorDesc,
     ) -> tuple[trtp.TensorDesc]:
-        batch, _, heads, dim = value.shape_expr
+        shape = value.shape_expr
         queries = sampling_locations.shape_expr[1]
-        return (trtp.from_shape_expr((batch, queries, heads * dim), dtype=value.dtype),)
+        return (trtp.from_shape_expr((shape[0], queries, shape[2] * shape[3]),
+                                     dtype=value.dtype),)
 
     @trtp.aot_impl(OP_NAME)
     def _aot(
@@ -113,13 +113,14 @@ def register() -> None:
     ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymExprs]:
         descs = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
         dtypes = {name: triton_type[desc.dtype] for name, desc in zip(INPUTS, descs, strict=True)}
-        batch, tokens, heads, dim = value.shape_expr
-        _, queries, _, levels, points, _ = sampling_locations.shape_expr
-        dim_ = _static(dim, "head dim D")
+        batch, tokens, heads = (value.shape_expr[i] for i in range(3))
+        locs = sampling_locations.shape_expr
+        queries = locs[1]
+        dim = _static(value.shape_expr[3], "head dim D")
         major, minor = torch.cuda.get_device_capability()
-        compiled = compile_kernel(dtypes, dim_, _static(levels, "levels L"),
-                                  _static(points, "points P"), 10 * major + minor)
-        block_q = block_config(dim_)[0]
+        compiled = compile_kernel(dtypes, dim, _static(locs[3], "levels L"),
+                                  _static(locs[4], "points P"), 10 * major + minor)
+        block_q = block_config(dim)[0]
         launch = trtp.KernelLaunchParams()
         launch.grid_x = trtp.cdiv(queries, block_q)
         launch.grid_y = trtp.SymInt32(batch * heads)
