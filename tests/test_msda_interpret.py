@@ -49,7 +49,8 @@ def _interpret_all() -> None:
 @pytest.fixture(scope="module")
 def interpreted_errors() -> dict[str, float]:
     tests_dir = Path(__file__).parent
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(tests_dir))
+    path = os.pathsep.join(filter(None, [str(tests_dir), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)
     result = subprocess.run(
         [sys.executable, "-c", "import test_msda_interpret as t; t._interpret_all()"],
         capture_output=True, text=True, env=env, timeout=600, cwd=tests_dir,
