@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from codetr_stream.compile.engines.tensorrt import TensorRTUnavailable, import_tensorrt
+from engine_helpers import score_drift_in_fresh_process
 
 HW = (128, 160)
 
@@ -55,14 +56,7 @@ def test_tensorrt_engine_matches_eager_without_torch_tensorrt_at_run_time(
     images, masks = example_inputs(2, HW, "cuda", seed=2)
     with torch.no_grad():
         want = model(images, masks)
-    torch.save((images.cpu(), masks.cpu(), [t.cpu() for t in want]), tmp_path / "case.pt")
     # Run in a process where importing torch_tensorrt fails: only tensorrt + torch are used.
-    code = ("import sys, torch; sys.modules['torch_tensorrt'] = None;"
-            "from codetr_stream.compile.engines import load_engine;"
-            "i, m, want = torch.load(sys.argv[2], weights_only=True);"
-            "got = load_engine(sys.argv[1], 'cuda').infer(i.cuda(), m.cuda());"
-            "print(float((got[1].cpu() - want[1]).abs().max()))")
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path), str(tmp_path / "case.pt")],
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert float(out.stdout.strip().splitlines()[-1]) < 1e-3
+    drift = score_drift_in_fresh_process(tmp_path, images, masks, want,
+                                         setup="sys.modules['torch_tensorrt'] = None;")
+    assert drift < 1e-3
