@@ -140,3 +140,17 @@ def test_malformed_manifests_are_named(tmp_path: Path) -> None:
     (tmp_path / "manifest.json").write_text(json.dumps(raw))
     with pytest.raises(ManifestError, match=r"unknown fields \['surprise'\]"):
         load_engine(tmp_path, "cpu")
+
+
+def test_numerics_match_detections_not_positions() -> None:
+    from codetr_stream.compile.engines.numerics import compare
+
+    boxes = torch.tensor([[[0.0, 0, 10, 10], [20, 20, 40, 40], [50, 50, 60, 70]]])
+    scores = torch.tensor([[0.9, 0.8, 0.7]])
+    labels = torch.tensor([[1, 2, 3]])
+    swapped = (boxes[:, [1, 0, 2]] + 0.25, scores[:, [1, 0, 2]], labels[:, [1, 0, 2]])
+    result = compare((boxes, scores, labels), swapped, top=(2, 3))
+    assert result["top2_agreement"] == 1.0 and result["top3_agreement"] == 1.0
+    assert result["top3_box_drift_px"] == 0.25 and result["score_max_abs"] == pytest.approx(0.1)
+    relabelled = (boxes, scores, torch.tensor([[1, 2, 4]]))
+    assert compare((boxes, scores, labels), relabelled, top=(3,))["top3_agreement"] == 0.6667
