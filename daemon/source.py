@@ -12,6 +12,7 @@ import logging
 import random
 import threading
 import time
+import types
 from dataclasses import dataclass, field
 from urllib.parse import quote, unquote, urlsplit
 
@@ -34,6 +35,33 @@ def redact_text(text: str, url: str) -> str:
             for form in {secret, unquote(secret), quote(unquote(secret), safe="")}:
                 text = text.replace(form, MASK)
     return redact(text)
+
+
+_thread_stop = threading.local()  # the stop event of the source running on this thread
+STOPPED_CLOCK_STEP_S = 1e9
+
+
+def _stop_aware_monotonic() -> float:
+    """`time.monotonic`, except that on a stopped source's thread every call jumps far ahead.
+    PyAV's interrupt callback compares it with the clock at the start of the blocked call, so
+    FFmpeg aborts any open or read of a stopped source within its ~100 ms polling slice instead
+    of running out the camera's timeout (calls that start after the stop included)."""
+    now = time.monotonic()
+    stop = getattr(_thread_stop, "event", None)
+    if stop is None or not stop.is_set():
+        return now
+    _thread_stop.jumps = getattr(_thread_stop, "jumps", 0) + 1
+    return now + _thread_stop.jumps * STOPPED_CLOCK_STEP_S
+
+
+def _make_reads_stoppable() -> None:
+    """Point PyAV's timeout clock (the `time` its interrupt callback reads) at the stop-aware
+    one. PyAV has no public way to interrupt a blocked call; without this (another PyAV layout)
+    a stop waits for the read or open timeout, as before."""
+    import av.container.core as core
+
+    if getattr(core, "time", None) is time:
+        core.time = types.SimpleNamespace(**{**vars(time), "monotonic": _stop_aware_monotonic})
 
 
 @dataclass
@@ -129,6 +157,8 @@ class Source:
         return not self._thread.is_alive()
 
     def _run(self) -> None:
+        _make_reads_stoppable()
+        _thread_stop.event = self._stop
         backoff = self.settings.backoff
         while not self._stop.is_set():
             try:
@@ -163,6 +193,8 @@ class Source:
     def _stream_once(self) -> None:
         container = self._open()
         try:
+            if self._stop.is_set():  # stopped while opening
+                return
             if not container.streams.video:
                 kinds = sorted({st.type for st in container.streams}) or ["nothing"]
                 raise UnsupportedStream(f"no video stream (found {', '.join(kinds)})")
