@@ -25,10 +25,11 @@ from urllib.parse import quote
 import torch
 import yaml
 import zmq
+from codetr_stream.compile.engines import build_engine
 from codetr_stream.compile.preprocess import preprocess
 from codetr_stream.daemon.detections import Detection
 from codetr_stream.daemon.postprocess import postprocess
-from daemon_helpers import INPUT_HW, DaemonThread
+from daemon_helpers import DATA, DaemonThread, tiny_model
 from rtsp_replay import Session, encode_clip
 from rtsp_server import free_port
 
@@ -36,8 +37,26 @@ URL_PASSWORD = "S3cretPass"
 ENV_NAME = "CODETR_FAULT_CAM_PASS"
 ENV_PASSWORD = "En5ecret-From-Env"
 # Tight knobs: every fault is noticed and retried within a second or two even on 2 loaded cores.
+# The engine's input: small, so fault tests spend the shared cores on faults, not inference.
+INPUT_HW = (128, 160)
 RECONNECT = {"open_timeout_s": 2.0, "read_timeout_s": 1.5, "stall_timeout_s": 2.0,
              "backoff_initial_s": 0.1, "backoff_max_s": 0.5}
+
+
+def build_small_engine(out: Path) -> Path:
+    """The tiny reference model as an eager fp32 CPU engine at INPUT_HW."""
+    config = json.loads((DATA / "tiny_config.json").read_text())
+    build_engine(tiny_model(), out, backend="eager", precision="fp32", input_hw=INPUT_HW,
+                 batch_sizes=[1, 2, 4], config_name="tiny", config=config, device="cpu",
+                 checkpoint=str(DATA / "tiny_codino.pth"))
+    return out
+
+
+def pause_bound(messages: list[Message]) -> float:
+    """The longest gap between one camera's messages that is not a pause: three of the slowest
+    engine calls seen (the CPU path shares two loaded cores with everything), at least 1.5 s."""
+    slowest = max(m.payload["latencies_ms"]["infer"] for m in messages) / 1e3
+    return max(1.5, 3 * slowest)
 
 
 def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None:
@@ -200,18 +219,23 @@ class Recorder:
         self._thread.join(timeout=5)
 
 
-def write_streams_yaml(path: Path, engine: Path, streams: dict[str, str], *, endpoint: str,
-                       health_port: int, **sections: dict) -> Path:
-    """A streams.yaml with the fault knobs (RECONNECT), fast heartbeats and every detection."""
+def write_streams_yaml(path: Path, engine: Path, streams: dict[str, str | dict], *,
+                       endpoint: str, health_port: int, **sections: dict) -> Path:
+    """A streams.yaml with the fault knobs (RECONNECT), fast heartbeats and every detection;
+    `streams` maps name -> url or -> {url, other stream keys}; `sections` override single keys,
+    e.g. publish={"sndhwm": 50}."""
     config = {
         "engine": {"path": str(engine), "device": "cpu"},
         "batching": {"max_batch": 4, "max_wait_ms": 30},
         "publish": {"endpoint": endpoint, "status_interval_s": 0.25},
         "health": {"port": health_port},
         "reconnect": RECONNECT,
-        "streams": [{"name": name, "url": url, "min_score": 0.0} for name, url in streams.items()],
+        "streams": [{"name": name, "min_score": 0.0,
+                     **(entry if isinstance(entry, dict) else {"url": entry})}
+                    for name, entry in streams.items()],
     }
-    config.update(sections)
+    for name, section in sections.items():  # merged into the defaults above, key by key
+        config[name] = {**config.get(name, {}), **section}
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
@@ -220,7 +244,7 @@ class FaultDaemon:
     """The daemon in a thread on its own config file, with a Recorder on its publisher and its
     HTTP port known, so a test reads back everything it published and served."""
 
-    def __init__(self, tmp_path: Path, engine: Path, streams: dict[str, str], *,
+    def __init__(self, tmp_path: Path, engine: Path, streams: dict[str, str | dict], *,
                  on_result=None, **sections: dict) -> None:
         self.endpoint = f"tcp://127.0.0.1:{free_port()}"
         self.health_port = free_port()
@@ -231,7 +255,7 @@ class FaultDaemon:
         self.daemon = DaemonThread(self.path, on_result=on_result)
         self.served: dict[str, str] = {}  # every HTTP body fetched, for the secrets check
 
-    def write(self, path: Path, streams: dict[str, str]) -> Path:
+    def write(self, path: Path, streams: dict[str, str | dict]) -> Path:
         return write_streams_yaml(path, self.engine, streams, endpoint=self.endpoint,
                                   health_port=self.health_port, **self.sections)
 
@@ -254,7 +278,7 @@ class FaultDaemon:
         self.http("/metrics")
         self.http("/healthz")
 
-    def reload(self, streams: dict[str, str] | None = None) -> None:
+    def reload(self, streams: dict[str, str | dict] | None = None) -> None:
         """Rewrite the config file (if `streams` given) and ask the daemon to re-read it."""
         if streams is not None:
             self.write(self.path, streams)

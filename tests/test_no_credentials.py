@@ -1,0 +1,111 @@
+"""No configured password ever leaves the daemon: every fault a camera can have, with passwords
+literal in URLs, percent-encoded, in query strings, from ${ENV} and ${file:...} secrets, then
+every log line (DEBUG and up, tracebacks included), ZeroMQ message, /metrics and /healthz body,
+and `check-config`'s output grepped for each of them. (The fault tests in test_faults.py and the
+SIGTERM test in test_shutdown.py run the same check on their own transcripts.)"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import time
+from urllib.parse import quote
+
+import pytest
+from fault_helpers import (
+    ENV_NAME,
+    ENV_PASSWORD,
+    URL_PASSWORD,
+    FaultDaemon,
+    FaultyCamera,
+    assert_no_secrets,
+    build_small_engine,
+    wait_for,
+)
+from rtsp_server import RtspServer, TcpCamera, free_port
+
+WRONG_PASSWORD = "WrongPa55word"
+SPECIAL_PASSWORD = "p@ss:w/rd%Z9"  # percent-encoded in the URL
+QUERY_PASSWORD = "QueryPa55w0rd"
+FILE_PASSWORD = "F1leSecret-Value"
+RELOAD_PASSWORD = "Rel0adPa55"
+SECRETS = (URL_PASSWORD, ENV_PASSWORD, WRONG_PASSWORD, SPECIAL_PASSWORD, QUERY_PASSWORD,
+           FILE_PASSWORD, RELOAD_PASSWORD)
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    return build_small_engine(tmp_path_factory.mktemp("engine") / "tiny")
+
+
+@pytest.mark.slow
+def test_no_password_in_logs_messages_metrics_health_or_cli(engine, tmp_path, caplog,
+                                                           monkeypatch) -> None:
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setenv(ENV_NAME, ENV_PASSWORD)
+    secret_file = tmp_path / "cam_password"
+    secret_file.write_text(FILE_PASSWORD + "\n")
+    server = RtspServer(["authed=h264@5"], auth=f"admin:{URL_PASSWORD}").start()
+    try:
+        with FaultyCamera() as faulty, TcpCamera("garbage") as garbage, \
+                TcpCamera("silent") as mute:
+            streams = {
+                "authed": server.url("authed", f"admin:{URL_PASSWORD}"),
+                "wrongpass": server.url("authed", f"admin:{WRONG_PASSWORD}"),
+                "envcam": faulty.url("env", f"viewer:${{{ENV_NAME}}}"),
+                "filecam": faulty.url("file", f"viewer:${{file:{secret_file}}}"),
+                "special": faulty.url("special", f"admin:{quote(SPECIAL_PASSWORD, safe='')}"),
+                "query": faulty.url(f"query?user=admin&password={QUERY_PASSWORD}"),
+                "unreachable": f"rtsp://admin:{URL_PASSWORD}@127.0.0.1:{free_port()}/x",
+                "garbage": garbage.url().replace("rtsp://", f"rtsp://admin:{URL_PASSWORD}@"),
+                "mute": mute.url().replace("rtsp://", f"rtsp://admin:${{{ENV_NAME}}}@"),
+            }
+            with FaultDaemon(tmp_path, engine, streams) as d:
+                rec = d.recorder
+                wait_for(lambda: all(rec.det(n) for n in ("authed", "envcam", "filecam",
+                                                          "special", "query")), 60,
+                         "the good cameras publishing")
+                for fault in ("silent", "garbage", "noise"):
+                    faulty.mode = fault
+                    wait_for(lambda f=fault: rec.last_status("envcam")["error"]
+                             or f in ("garbage", "noise"), 10, f"{fault} noticed")
+                    time.sleep(1.0)  # the fault lasts at least this long
+                    d.sample_http()
+                    faulty.mode = "ok"
+                faulty.cut()
+                server.stop()
+                wait_for(lambda: rec.last_status("authed")["error"], 10, "authed down")
+                d.sample_http()
+                server.start()
+                wait_for(lambda: all(rec.last_status(n) and rec.last_status(n)["error"]
+                                     for n in ("wrongpass", "unreachable", "garbage", "mute")),
+                         20, "every bad camera's error in its heartbeat")
+                # A rejected reload naming a new password, then a valid one rotating one.
+                d.path.write_text(d.path.read_text() + f'- {{name: new, url: "http://admin:'
+                                                       f'{RELOAD_PASSWORD}@127.0.0.1/x"}}\n')
+                d.reload()
+                wait_for(lambda: "reload rejected" in caplog.text, 15, "the reload rejected")
+                rotated = dict(streams, envcam=faulty.url("env", f"viewer:{RELOAD_PASSWORD}"))
+                d.reload(rotated)
+                wait_for(lambda: "stream envcam changed" in caplog.text, 15, "envcam rotated")
+                back = time.monotonic()
+                wait_for(lambda: rec.det_after("authed", back) and rec.det_after("envcam", back),
+                         30, "cameras publishing after the restart and the rotation")
+                d.sample_http()
+                d.http("/snapshot/nothing.jpg")
+            transcript = d.transcript(caplog.text)
+            check = subprocess.run([sys.executable, "-m", "codetr_stream.daemon.cli",
+                                    "check-config", str(d.path)], capture_output=True,
+                                   text=True, timeout=120)
+    finally:
+        server.stop()
+
+    errors = {n: rec.last_status(n)["error"] for n in streams if rec.last_status(n)}
+    assert "401" in errors["wrongpass"] and "refused" in errors["unreachable"], errors
+    assert check.returncode == 0 and "***" in check.stdout, check.stdout + check.stderr
+    transcript["check-config"] = check.stdout + check.stderr
+    # The URLs did reach the logs and heartbeats (errors quote them), masked:
+    assert "rtsp://***@127.0.0.1" in transcript["log"] and "password=***" in transcript["log"]
+    assert "rtsp://***@127.0.0.1" in transcript["zmq"]
+    assert_no_secrets(transcript, SECRETS)
