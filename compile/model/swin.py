@@ -63,19 +63,22 @@ class WindowMSA(nn.Module):
         self.qkv = nn.Linear(dims, dims * 3, bias=qkv_bias)
         self.proj = nn.Linear(dims, dims)
 
-    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, windows: int, mask: Tensor | None) -> Tensor:
+        """x (B*windows, N, C). One fused attention call with the bias (+ shift mask) as an
+        additive mask, so the (heads, N, N) scores of each window never reach memory. The window
+        index is folded into the head dimension: the (windows*heads, N, N) mask then broadcasts
+        over the batch, a layout the fused CUDA kernels (cuDNN, memory-efficient) accept; a
+        per-head mask broadcast over B*windows falls back to the unfused math path."""
         b, n, c = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0] * self.scale, qkv[1], qkv[2]
-        attn = q @ k.transpose(-2, -1)
+        heads, d = self.heads, c // self.heads
+        qkv = self.qkv(x).reshape(-1, windows, n, 3, heads, d).permute(3, 0, 1, 4, 2, 5)
+        q, k, v = qkv.reshape(3, -1, windows * heads, n, d).unbind(0)
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-        attn = attn + bias.view(n, n, -1).permute(2, 0, 1)[None]
-        if mask is not None:
-            windows = mask.shape[0]
-            attn = attn.view(-1, windows, self.heads, n, n) + mask[None, :, None]
-            attn = attn.view(b, self.heads, n, n)
-        x = (attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, c)
-        return self.proj(x)
+        bias = bias.view(n, n, heads).permute(2, 0, 1)
+        bias = bias.expand(windows, heads, n, n) if mask is None else bias + mask[:, None]
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.reshape(1, -1, n, n),
+                                           scale=self.scale)
+        return self.proj(x.reshape(b, heads, n, d).transpose(1, 2).reshape(b, n, c))
 
 
 class ShiftWindowMSA(nn.Module):
@@ -96,7 +99,8 @@ class ShiftWindowMSA(nn.Module):
         if shift > 0:
             x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
             mask = shift_mask(hp, wp, win, shift, x.device).to(x.dtype)
-        x = window_reverse(self.w_msa(window_partition(x, win), mask), b, hp, wp)
+        windows = (hp // win) * (wp // win)
+        x = window_reverse(self.w_msa(window_partition(x, win), windows, mask), b, hp, wp)
         if shift > 0:
             x = torch.roll(x, shifts=(shift, shift), dims=(1, 2))
         return x[:, :h, :w].reshape(b, h * w, c)
