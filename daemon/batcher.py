@@ -38,7 +38,14 @@ class Batcher:
         """Frames for one engine call; empty if nothing came within `idle_timeout` or on stop."""
         if self.slots.wait(1, time.monotonic() + idle_timeout, stop) == 0 or stop.is_set():
             return []
-        target = min(self.max_batch, max(1, len(self.slots.streams())))
         first = self.slots.oldest() or time.monotonic()
-        self.slots.wait(target, first + self.max_wait, stop)
+        self.slots.wait(self._target(), first + self.max_wait, stop)
         return self.slots.take(self.max_batch)
+
+    def ready(self) -> bool:
+        """Whether `next_batch` would return a closed batch now, without waiting."""
+        return self.slots.ready() >= self._target()
+
+    def _target(self) -> int:
+        """A batch closes early at this many frames: all streams, or the largest batch."""
+        return min(self.max_batch, max(1, len(self.slots.streams())))

@@ -1,31 +1,45 @@
-"""Frames -> the engine's input buffer, on the engine's device.
+"""Frames -> the engine's input buffer, on the engine's device, one batch at a time.
 
 The resize/pad/normalise is the model's reference preprocessing (`codetr_stream.compile.
-preprocess`), run as tensor ops on the device that holds the engine; this module only brings each
-frame there as uint8 RGB. An NVDEC frame is NV12 in GPU memory and is converted in place on the
-GPU (no host copy of pixels); a CPU-decoded frame is already RGB in host memory.
+preprocess`), run as the same tensor ops on the device that holds the engine, so the result is
+bit-for-bit the reference's. An NVDEC frame is NV12 in GPU memory and is converted on the GPU (no
+host copy of pixels); a CPU-decoded frame is already RGB in host memory.
+
+Frames of one size are processed together: one set of kernels per batch and size instead of per
+frame. On a GPU each (rows, size, format) is also captured once in a CUDA graph, so a batch costs
+two launches (gather the pixels, replay). Launches matter more than GPU time here: every one hands
+the GIL to the camera threads, and getting it back can take a whole switch interval.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict, defaultdict
 from collections.abc import Sequence
 
 import torch
-from codetr_stream.compile.preprocess import preprocess
+import torch.nn.functional as F
+from codetr_stream.compile.preprocess import MEAN_RGB, STD_RGB, plan_resize
 from codetr_stream.daemon.frames import Frame
 
+MAX_GRAPHS = 32  # (rows, size) combinations kept; a fleet of one camera model needs a few
 
-def nv12_to_rgb(nv12: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(H*3/2, W) uint8 NV12 -> (H, W, 3) uint8 RGB, BT.601 limited range (FFmpeg's default
-    for SD and unflagged streams, so GPU and CPU decodes give the same picture)."""
-    y = nv12[:height].float()
-    uv = nv12[height:height + height // 2].view(height // 2, width // 2, 2).float()
-    uv = uv.repeat_interleave(2, dim=0).repeat_interleave(2, dim=1)
+
+def _nv12_to_rgb_float(nv12: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(..., H*3/2, W) uint8 NV12 -> (..., H, W, 3) float32 of whole numbers 0..255."""
+    y = nv12[..., :height, :].float()
+    uv = nv12[..., height:height + height // 2, :].unflatten(-1, (width // 2, 2)).float()
+    uv = uv.repeat_interleave(2, dim=-3).repeat_interleave(2, dim=-2)
     c, d, e = y - 16.0, uv[..., 0] - 128.0, uv[..., 1] - 128.0
     r = 1.164383 * c + 1.596027 * e
     g = 1.164383 * c - 0.391762 * d - 0.812968 * e
     b = 1.164383 * c + 2.017232 * d
-    return torch.stack((r, g, b), dim=-1).round_().clamp_(0, 255).to(torch.uint8)
+    return torch.stack((r, g, b), dim=-1).round_().clamp_(0, 255)
+
+
+def nv12_to_rgb(nv12: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(..., H*3/2, W) uint8 NV12 -> (..., H, W, 3) uint8 RGB, BT.601 limited range (FFmpeg's
+    default for SD and unflagged streams, so GPU and CPU decodes give the same picture)."""
+    return _nv12_to_rgb_float(nv12, height, width).to(torch.uint8)
 
 
 def frame_rgb(frame: Frame, device: torch.device) -> torch.Tensor:
@@ -35,25 +49,121 @@ def frame_rgb(frame: Frame, device: torch.device) -> torch.Tensor:
     return frame.pixels.to(device, non_blocking=True)
 
 
+Rows = slice | torch.Tensor
+
+
+class _SizeGroup:
+    """The kernels for frames of one size and format written into rows `rows` of the buffer.
+
+    The same ops as `compile.preprocess.preprocess`, in the same memory layout (channels last,
+    as a permuted HWC frame), so the same kernels run and the numbers are the reference's.
+    """
+
+    def __init__(self, pixel_format: str, height: int, width: int,
+                 input_hw: tuple[int, int], mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.pixel_format, self.height, self.width = pixel_format, height, width
+        self.plan = plan_resize(height, width, input_hw, fit_portrait=True)
+        self.input_hw = input_hw
+        self.mean, self.std = mean, std
+
+    def __call__(self, pixels: torch.Tensor, images: torch.Tensor, rows: Rows) -> None:
+        """pixels: the group's frames stacked, uint8 (G, H*3/2, W) NV12 or (G, H, W, 3) RGB."""
+        if self.pixel_format == "nv12":
+            rgb = _nv12_to_rgb_float(pixels, self.height, self.width)
+        else:
+            rgb = pixels.float()
+        rgb = rgb.permute(0, 3, 1, 2)
+        nh, nw = self.plan.resized_hw
+        if (nh, nw) != (self.height, self.width):
+            rgb = F.interpolate(rgb, size=(nh, nw), mode="bilinear", align_corners=False)
+            rgb = rgb.round().clamp(0, 255)  # cv2 returns uint8
+        canvas = rgb.new_zeros(rgb.shape[0], 3, *self.input_hw)
+        canvas[:, :, :nh, :nw] = rgb
+        images[rows] = (canvas - self.mean) / self.std
+
+
+class _Graphed:
+    """A `_SizeGroup` on fixed rows, captured in a CUDA graph with a static pixel buffer."""
+
+    def __init__(self, group: _SizeGroup, pixels: torch.Tensor, images: torch.Tensor,
+                 rows: Rows, pool: tuple[int, int]) -> None:
+        self.pixels = pixels.clone()
+        self.graph = torch.cuda.CUDAGraph()
+
+        def run() -> None:
+            group(self.pixels, images, rows)
+
+        side = torch.cuda.Stream(pixels.device)
+        side.wait_stream(torch.cuda.current_stream(pixels.device))
+        with torch.cuda.stream(side):
+            run()  # warm-up: this call's result, and lazy kernel loading outside the capture
+        torch.cuda.current_stream(pixels.device).wait_stream(side)
+        # thread_local: the camera threads keep decoding (their own CUDA calls) meanwhile.
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
+            run()
+
+    def __call__(self, frames: Sequence[Frame]) -> None:
+        torch.stack([f.pixels.to(self.pixels.device) for f in frames], out=self.pixels)
+        self.graph.replay()
+
+
 class Preprocessor:
     """Writes frames into rows of an (N, 3, H, W) float32 image buffer and its (N, H, W) mask."""
 
-    def __init__(self, input_hw: tuple[int, int], device: torch.device) -> None:
+    def __init__(self, input_hw: tuple[int, int], device: torch.device, *,
+                 cuda_graphs: bool | None = None) -> None:
         self.input_hw = input_hw
         self.device = device
+        self.cuda_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self.mean = torch.tensor(MEAN_RGB, device=device)[:, None, None]
+        self.std = torch.tensor(STD_RGB, device=device)[:, None, None]
+        self._groups: dict[tuple[str, int, int], _SizeGroup] = {}
+        self._graphs: OrderedDict[tuple, _Graphed] = OrderedDict()
+        self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
 
     def __call__(self, frames: Sequence[Frame], images: torch.Tensor,
                  masks: torch.Tensor) -> list[tuple[float, float]]:
         """Fill rows 0..len(frames)-1; returns each frame's (sx, sy): input px = frame px * s.
 
         Portrait frames are letterboxed into the (landscape) engine size rather than refused:
-        a camera mounted sideways still gets detections.
+        a camera mounted sideways still gets detections. The masks stay all valid, as in the
+        reference pipeline.
         """
-        scales = []
+        by_size: dict[tuple[str, int, int], list[int]] = defaultdict(list)
         for i, frame in enumerate(frames):
-            image, mask, plan = preprocess(frame_rgb(frame, self.device), self.input_hw,
-                                           fit_portrait=True)
-            images[i].copy_(image)
-            masks[i].copy_(mask)
-            scales.append(plan.scale_xy)
+            by_size[frame.pixel_format, frame.height, frame.width].append(i)
+        scales: list[tuple[float, float]] = [(1.0, 1.0)] * len(frames)
+        for key, rows in by_size.items():
+            group = self._groups.get(key)
+            if group is None:
+                group = self._groups[key] = _SizeGroup(*key, self.input_hw, self.mean, self.std)
+            members = [frames[i] for i in rows]
+            self._run(group, members, rows, images)
+            for i in rows:
+                scales[i] = group.plan.scale_xy
+        masks[:len(frames)].zero_()
         return scales
+
+    def _run(self, group: _SizeGroup, frames: list[Frame], rows: list[int],
+             images: torch.Tensor) -> None:
+        index = _rows(rows, images.device)
+        if not self.cuda_graphs:
+            group(torch.stack([f.pixels.to(self.device) for f in frames]), images, index)
+            return
+        key = (group.pixel_format, group.height, group.width, tuple(rows), images.data_ptr())
+        graphed = self._graphs.get(key)
+        if graphed is not None:
+            self._graphs.move_to_end(key)
+            graphed(frames)
+            return
+        pixels = torch.stack([f.pixels.to(self.device) for f in frames])
+        self._graphs[key] = _Graphed(group, pixels, images, index, self._pool)
+        if len(self._graphs) > MAX_GRAPHS:
+            self._graphs.popitem(last=False)
+
+
+def _rows(rows: list[int], device: torch.device) -> Rows:
+    """Consecutive rows as a slice (a plain view), others as an index tensor."""
+    if rows == list(range(rows[0], rows[0] + len(rows))):
+        return slice(rows[0], rows[0] + len(rows))
+    return torch.tensor(rows, device=device)

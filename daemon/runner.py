@@ -4,6 +4,10 @@ Input buffers are allocated once, at the largest batch size, and preprocessing w
 each batch runs at the smallest compiled batch size that holds it (padding rows stay zero with an
 all-valid mask, the engine's own convention). Outputs are a few KB per batch and come back to the
 host in one transfer, after which the batch's device work is finished by construction.
+
+On a GPU, `submit` only queues the work and returns: the caller postprocesses and publishes the
+previous batch while the engine runs this one, so the GPU waits for the host only as long as the
+next batch's preprocessing takes to launch.
 """
 
 from __future__ import annotations
@@ -62,7 +66,13 @@ class Runner:
     def _infer(self, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.engine.infer(self.images[:batch], self.masks[:batch])
 
-    def run(self, frames: Sequence[Frame]) -> BatchOutput:
+    @property
+    def asynchronous(self) -> bool:
+        """Whether `submit` returns before the batch has run (GPU) or after (CPU)."""
+        return self.stream is not None
+
+    def submit(self, frames: Sequence[Frame]) -> PendingBatch:
+        """Queue preprocessing, the engine and the read-back of one batch on the runner's stream."""
         n = len(frames)
         batch = pick_batch_size(n, self.batch_sizes)
         clock = _Clock(self.stream)
@@ -75,14 +85,34 @@ class Runner:
             clock.mark()
             boxes, scores, labels = self._infer(batch)
             clock.mark()
-            # The one read-back (labels < 2**24 are exact in float32); it waits for the stream.
+            # The one read-back (labels < 2**24 are exact in float32), into pinned host memory
+            # on a GPU; the clock's last event says when it has landed.
             packed = torch.cat([boxes[:n].float().flatten(1), scores[:n].float(),
-                                labels[:n].float()], dim=1).cpu()
-        preprocess_ms, infer_ms = clock.elapsed_ms()
-        k = scores.shape[1]
+                                labels[:n].float()], dim=1).to("cpu", non_blocking=True)
+            clock.mark()
+        return PendingBatch(packed, scores.shape[1], scales, batch, clock)
+
+    def run(self, frames: Sequence[Frame]) -> BatchOutput:
+        """`submit` and wait."""
+        return self.submit(frames).result()
+
+
+class PendingBatch:
+    """A submitted batch; `result()` waits for its outputs to reach the host."""
+
+    def __init__(self, packed: torch.Tensor, k: int, scales: list[tuple[float, float]],
+                 batch: int, clock: _Clock) -> None:
+        self._packed, self._k, self._scales = packed, k, scales
+        self._batch, self._clock = batch, clock
+
+    def result(self) -> BatchOutput:
+        self._clock.wait()
+        preprocess_ms, infer_ms, _ = self._clock.elapsed_ms()
+        packed, k = self._packed, self._k
+        n = packed.shape[0]
         return BatchOutput(
             boxes=packed[:, : 4 * k].view(n, k, 4), scores=packed[:, 4 * k: 5 * k],
-            labels=packed[:, 5 * k:].long(), scales=scales, batch_size=batch,
+            labels=packed[:, 5 * k:].long(), scales=self._scales, batch_size=self._batch,
             preprocess_ms=preprocess_ms, infer_ms=infer_ms)
 
 
@@ -100,6 +130,11 @@ class _Clock:
             event = torch.cuda.Event(enable_timing=True)
             event.record(self.stream)
             self.marks.append(event)
+
+    def wait(self) -> None:
+        """Until the stream has passed the last mark (releases the GIL while it waits)."""
+        if self.stream is not None:
+            self.marks[-1].synchronize()
 
     def elapsed_ms(self) -> list[float]:
         pairs = zip(self.marks, self.marks[1:], strict=False)

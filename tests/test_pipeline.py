@@ -64,12 +64,14 @@ def test_batcher_waits_for_all_streams_or_the_deadline() -> None:
     stop = threading.Event()
     for name in ("a", "b", "c"):
         slots.put(make_frame(name, 0))
+    assert batcher.ready()
     started = time.monotonic()
     assert len(batcher.next_batch(stop)) == 3  # every stream has a frame: no waiting
     assert time.monotonic() - started < 0.1
 
     slots.put(make_frame("a", 1))
     slots.put(make_frame("b", 1))
+    assert not batcher.ready()
     started = time.monotonic()
     assert len(batcher.next_batch(stop)) == 2  # c is silent: the deadline closes the batch
     assert 0.2 < time.monotonic() - started < 0.6
@@ -102,16 +104,33 @@ def test_nv12_to_rgb_matches_ffmpeg() -> None:
     assert diff.float().mean() < 2.5 and diff.max() <= 4
 
 
+def make_nv12_frame(stream: str, h: int, w: int, seed: int) -> Frame:
+    """What NVDEC hands over (NV12 planes), here made by FFmpeg from random RGB."""
+    rgb = make_frame(stream, 0, h, w, seed).pixels.numpy()
+    nv12 = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="nv12").to_ndarray()
+    return Frame(stream, 0, None, time.time_ns(), torch.from_numpy(nv12.copy()), "nv12", h, w)
+
+
+def mixed_batch() -> list[Frame]:
+    """Two sizes and both pixel formats interleaved (rows of one group are not contiguous),
+    one portrait frame, one frame already at the engine size."""
+    return [make_nv12_frame("a", 240, 320, 1), make_frame("b", 0, 480, 270, 2),
+            make_nv12_frame("c", 180, 320, 3), make_nv12_frame("d", 240, 320, 4),
+            make_frame("e", 0, 240, 320, 5), make_frame("f", 0, *INPUT_HW, 6)]
+
+
 def test_preprocessor_writes_the_reference_preprocessing_into_the_buffer() -> None:
-    frames = [make_frame("a", 0, 240, 320, 1), make_frame("b", 0, 480, 270, 2)]  # one portrait
-    images = torch.full((4, 3, *INPUT_HW), 7.0)
-    masks = torch.ones((4, *INPUT_HW), dtype=torch.bool)
+    """Batched by size, and bit for bit the per-frame reference (`compile.preprocess`)."""
+    frames = mixed_batch()
+    images = torch.full((8, 3, *INPUT_HW), 7.0)
+    masks = torch.ones((8, *INPUT_HW), dtype=torch.bool)
     scales = Preprocessor(INPUT_HW, CPU)(frames, images, masks)
     for i, frame in enumerate(frames):
-        image, mask, plan = preprocess(frame.pixels, INPUT_HW, fit_portrait=True)
+        image, mask, plan = preprocess(frame_rgb(frame, CPU), INPUT_HW, fit_portrait=True)
         assert torch.equal(images[i], image) and torch.equal(masks[i], mask)
         assert scales[i] == plan.scale_xy
-    assert torch.equal(frame_rgb(frames[0], CPU), frames[0].pixels)
+    assert (images[len(frames):] == 7.0).all() and masks[len(frames):].all()  # rows untouched
+    assert torch.equal(frame_rgb(frames[1], CPU), frames[1].pixels)
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +153,6 @@ def test_runner_pads_partial_batches_and_matches_the_engine(runner) -> None:
     assert torch.equal(out.labels, labels)
     assert out.scales == [p.scale_xy for p in plans]
     assert out.preprocess_ms > 0 and out.infer_ms > 0
+    assert not runner.asynchronous  # the CPU path runs the batch inside submit
+    again = runner.submit(frames).result()
+    assert torch.equal(again.scores, out.scores) and torch.equal(again.labels, out.labels)

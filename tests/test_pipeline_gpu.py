@@ -9,7 +9,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from codetr_stream.compile.preprocess import preprocess
 from codetr_stream.daemon.config import load_config
+from codetr_stream.daemon.frames import Frame
+from codetr_stream.daemon.preprocess import Preprocessor, frame_rgb
 from daemon_helpers import DaemonThread, build_tiny_engine, write_config
 from rtsp_server import free_port
 
@@ -50,3 +54,37 @@ def test_daemon_on_gpu_publishes_every_camera(tmp_path) -> None:
     for indexes in seen.values():
         assert len(indexes) >= 5 and indexes == sorted(set(indexes))
     assert frames and all(f.pixel_format == "nv12" and f.pixels.is_cuda for f in frames)
+
+
+@pytest.mark.gpu
+def test_preprocessor_cuda_graphs_equal_the_reference_on_nv12_frames() -> None:
+    """The graphed batch path (captured on first use, replayed after) writes exactly what the
+    per-frame reference writes, for new pixels on every call and rows in any order."""
+    device = torch.device("cuda")
+    hw = (768, 1152)
+    gen = torch.Generator(device).manual_seed(0)
+
+    def nv12(name: str, h: int, w: int) -> Frame:
+        pixels = torch.randint(0, 256, (h * 3 // 2, w), dtype=torch.uint8, device=device,
+                               generator=gen)
+        return Frame(name, 0, None, 0, pixels, "nv12", h, w)
+
+    graphed, eager = Preprocessor(hw, device), Preprocessor(hw, device, cuda_graphs=False)
+    assert graphed.cuda_graphs and not eager.cuda_graphs
+    images = torch.empty((8, 3, *hw), device=device)
+    masks = torch.ones((8, *hw), dtype=torch.bool, device=device)
+    plain = torch.empty_like(images)
+    layouts = [("720", "720", "480", "720"), ("720", "720", "480", "720"), ("480", "720"),
+               ("720",) * 8]
+    for layout in layouts:
+        frames = [nv12(f"cam{i}", *((720, 1280) if size == "720" else (480, 640)))
+                  for i, size in enumerate(layout)]
+        scales = graphed(frames, images, masks)
+        eager(frames, plain, masks)
+        for i, frame in enumerate(frames):
+            image, _, plan = preprocess(frame_rgb(frame, device), hw, fit_portrait=True)
+            diff = (images[i] - image).abs().max().item()
+            assert diff == 0, f"{layout} row {i}: max diff {diff}"
+            assert torch.equal(plain[i], image) and scales[i] == plan.scale_xy
+        assert not masks[:len(frames)].any()
+    assert len(graphed._graphs) == 5  # 720 (rows 0,1,3), 480 (2), 480 (0), 720 (1), 720 (0-7)
