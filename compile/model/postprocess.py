@@ -20,7 +20,8 @@ def topk_detections(cls_logits: Tensor, boxes: Tensor, image_mask: Tensor,
     """cls_logits (B,Q,C), boxes (B,Q,4) sigmoid cxcywh, image_mask (B,H,W) True = padding ->
     boxes (B,K,4) xyxy pixels of each image's valid area, scores (B,K), labels (B,K) int64."""
     num_classes = cls_logits.shape[-1]
-    scores, index = cls_logits.sigmoid().flatten(1).topk(k, dim=1)
+    # Scores in FP32 even in an FP16 engine: FP16 sigmoid quantises them into ties (~5e-4 steps).
+    scores, index = cls_logits.float().sigmoid().flatten(1).topk(k, dim=1)
     labels = index % num_classes
     picked = boxes.gather(1, (index // num_classes)[..., None].expand(-1, -1, 4))
     valid_h, valid_w = valid_size(image_mask, boxes.dtype)
