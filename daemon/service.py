@@ -3,18 +3,21 @@
 `run(config)` starts everything, serves until SIGTERM/SIGINT (or `stop_event`), and shuts down
 cleanly: intake stops, the batch in flight is published, sockets close. SIGHUP re-reads the config
 file and applies the difference stream by stream; the engine and the untouched streams (and
-their frame indexes) carry on as if nothing happened. One main thread does batching, inference,
-postprocessing, publishing and the per-stream heartbeats; each camera has its own thread.
+their frame indexes) carry on as if nothing happened. Each camera has its own thread; each device
+(`engine.gpus`, or the CPU) has an engine worker thread that batches, infers, postprocesses and
+publishes the frames of the streams assigned to it (new streams go to the least loaded worker);
+the main thread applies reloads and sends the per-stream heartbeats.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -46,15 +49,21 @@ JOIN_TIMEOUT_S = 3.0  # sources blocked in a read longer than this die with the 
 WATCHDOG_STALL_S = 30.0
 
 
-def select_device(config: DaemonConfig) -> torch.device:
-    """cuda:<first gpu> when asked for (or `auto` and CUDA is there), else the CPU path."""
+def select_devices(config: DaemonConfig) -> list[torch.device]:
+    """cuda:<gpu> for each of `engine.gpus` when asked for (or `auto` and CUDA is there), else
+    the CPU path (one worker)."""
     wanted = config.engine.device
     if wanted == "cpu" or (wanted == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
+        return [torch.device("cpu")]
     if not torch.cuda.is_available():
         raise RuntimeError("engine.device is 'cuda' but no CUDA GPU is visible; "
                            "set engine.device: cpu (or auto)")
-    return torch.device("cuda", config.engine.gpus[0])
+    return [torch.device("cuda", gpu) for gpu in config.engine.gpus]
+
+
+def _on(device: torch.device):
+    """`device` as the current CUDA device for the block (nothing to do on the CPU)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def source_settings(stream: StreamConfig, reconnect: ReconnectConfig) -> SourceSettings:
@@ -66,12 +75,27 @@ def source_settings(stream: StreamConfig, reconnect: ReconnectConfig) -> SourceS
                         reconnect.backoff_multiplier, reconnect.backoff_jitter))
 
 
+@dataclass(eq=False)
+class _Worker:
+    """One engine on one device, with the slots and batcher of the streams assigned to it."""
+
+    runner: Runner
+    batcher: Batcher
+    slots: FrameSlots
+    streams: set[str] = field(default_factory=set)
+
+    @property
+    def device(self) -> torch.device:
+        return self.runner.device
+
+
 @dataclass
 class _Stream:
-    """A live stream: its config (filters may change on reload), source and output counters."""
+    """A live stream: its config (filters may change on reload), source, worker and counters."""
 
     config: StreamConfig
     source: Source
+    worker: _Worker
     published: int = 0
     published_at_tick: int = 0
     dropped_at_tick: int = 0
@@ -80,24 +104,22 @@ class _Stream:
 
 class Service:
     def __init__(self, config: DaemonConfig, *, config_path: str | Path | None = None,
-                 on_result: OnResult | None = None, restrict: Restrict | None = None) -> None:
+                 on_result: OnResult | None = None, restrict: Restrict | None = None,
+                 devices: Sequence[torch.device] | None = None) -> None:
         self.restrict = restrict or (lambda c: c)
         self.config = self.restrict(config)
         self.config_path = Path(config_path) if config_path is not None else None
         self.on_result = on_result
-        self.device = select_device(config)
-        if len(config.engine.gpus) > 1:
-            log.warning("engine.gpus lists %d GPUs; this process serves %s only: run one worker "
-                        "per GPU (see `codetr-stream shard`)", len(config.engine.gpus),
-                        self.device)
-        self.slots = FrameSlots()
+        self.devices = list(devices) if devices is not None else select_devices(config)
         self.metrics = Metrics()
         self.liveness = Liveness()
         self.snapshots = SnapshotStore(jpeg_quality=config.snapshot.jpeg_quality,
                                        max_width=config.snapshot.max_width)
         self.streams: dict[str, _Stream] = {}
         self._retired: list[Source] = []
-        self.runner: Runner | None = None
+        self.workers: list[_Worker] = []
+        self.class_names: list[str] = []
+        self._failure: BaseException | None = None
         self.publisher: Publisher | None = None
         self.health: HealthServer | None = None
         self._last_tick = time.monotonic()
@@ -106,16 +128,20 @@ class Service:
     # ---- life cycle ----
 
     def start(self) -> Service:
-        log.info("loading engine %s on %s", self.config.engine.path, self.device)
-        self.runner = Runner(self.config.engine.path, self.device)
-        manifest = self.runner.engine.manifest
-        if manifest.random_weights:
+        for device in self.devices:
+            log.info("loading engine %s on %s", self.config.engine.path, device)
+            with _on(device):  # engines that capture CUDA graphs do it on the current device
+                runner = Runner(self.config.engine.path, device)
+                runner.warm_up()
+            slots = FrameSlots()
+            self.workers.append(_Worker(runner, Batcher(
+                slots, runner.batch_sizes, self.config.batching.max_batch,
+                self.config.batching.max_wait_ms), slots))
+        if self.workers[0].runner.engine.manifest.random_weights:
             log.warning("engine %s has RANDOM weights: its detections are meaningless",
                         self.config.engine.path)
-        self.runner.warm_up()
+        self.class_names = self.workers[0].runner.class_names
         self.liveness.set_engine_warm()
-        self.batcher = Batcher(self.slots, self.runner.batch_sizes,
-                               self.config.batching.max_batch, self.config.batching.max_wait_ms)
         self.publisher = Publisher(self.config.publish.endpoint, self.config.publish.sndhwm)
         log.info("publishing on %s", self.publisher.endpoint)
         self.health = HealthServer(liveness=self.liveness, metrics=self.metrics,
@@ -127,24 +153,48 @@ class Service:
         return self
 
     def serve(self, stop: threading.Event, reload: threading.Event | None = None) -> None:
-        """The main loop, until `stop` is set; the batch in flight is always finished."""
-        while not stop.is_set():
-            if reload is not None and reload.is_set():
-                reload.clear()
-                self.reload()
-            frames = self.batcher.next_batch(stop)
-            if frames:
-                self._process(frames)
-                self._watchdog.progress()
-            self.liveness.beat()
-            self._tick()
+        """Run the engine workers and the main loop until `stop` is set; each worker finishes
+        the batch in flight. A worker's exception stops everything and is raised here."""
+        threads = [threading.Thread(target=self._work, args=(worker, stop), daemon=True,
+                                    name=f"engine-{worker.device}-{i}")
+                   for i, worker in enumerate(self.workers)]
+        for thread in threads:
+            thread.start()
+        try:
+            while not stop.wait(0.05):
+                if reload is not None and reload.is_set():
+                    reload.clear()
+                    self.reload()
+                self._tick()
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(JOIN_TIMEOUT_S)
+        if self._failure is not None:
+            raise self._failure
+
+    def _work(self, worker: _Worker, stop: threading.Event) -> None:
+        """One engine worker: batches from its slots through its runner to the publisher."""
+        try:
+            if worker.device.type == "cuda":
+                torch.cuda.set_device(worker.device)
+            while not stop.is_set():
+                frames = worker.batcher.next_batch(stop)
+                if frames:
+                    self._process(worker, frames)
+                    self._watchdog.progress()
+                self.liveness.beat()
+        except BaseException as exc:
+            self._failure = exc
+            stop.set()
 
     def close(self) -> None:
         systemd.stopping()
         sources = [s.source for s in self.streams.values()] + self._retired
         for source in sources:
             source.stop()
-        self.slots.wake()
+        for worker in self.workers:
+            worker.slots.wake()
         deadline = time.monotonic() + JOIN_TIMEOUT_S
         stuck = [s.name for s in sources if not s.join(max(0.0, deadline - time.monotonic()))]
         if stuck:
@@ -158,17 +208,21 @@ class Service:
     # ---- streams ----
 
     def _add_stream(self, stream: StreamConfig, next_index: int = 0) -> None:
-        self.slots.add(stream.name)
-        source = Source(source_settings(stream, self.config.reconnect), self.slots, self.device,
-                        self.metrics.stream(stream.name), next_index=next_index).start()
-        self.streams[stream.name] = _Stream(stream, source)
-        log.info("stream %s added (%s)", stream.name, stream.safe_url)
+        worker = min(self.workers, key=lambda w: len(w.streams))  # the least loaded
+        worker.streams.add(stream.name)
+        worker.slots.add(stream.name)
+        source = Source(source_settings(stream, self.config.reconnect), worker.slots,
+                        worker.device, self.metrics.stream(stream.name),
+                        next_index=next_index).start()
+        self.streams[stream.name] = _Stream(stream, source, worker)
+        log.info("stream %s added (%s) on %s", stream.name, stream.safe_url, worker.device)
 
     def _remove_stream(self, name: str) -> Source:
         state = self.streams.pop(name)
         state.source.stop()
         self._retired.append(state.source)
-        self.slots.remove(name)
+        state.worker.streams.discard(name)
+        state.worker.slots.remove(name)
         self.metrics.remove_stream(name)
         self.liveness.remove_stream(name)
         self.snapshots.remove(name)
@@ -182,7 +236,7 @@ class Service:
         systemd.reloading()
         try:
             new = self.restrict(load_config(self.config_path,
-                                            class_names=tuple(self.runner.class_names)))
+                                            class_names=tuple(self.class_names)))
         except ConfigError as exc:
             for problem in exc.problems:
                 log.error("reload rejected: %s", problem)
@@ -214,9 +268,9 @@ class Service:
 
     # ---- the data path ----
 
-    def _process(self, frames: list[Frame]) -> None:
+    def _process(self, worker: _Worker, frames: list[Frame]) -> None:
         started = time.monotonic()
-        out = self.runner.run(frames)
+        out = worker.runner.run(frames)
         self.metrics.observe_batch(len(frames), time.monotonic() - started)
         for i, frame in enumerate(frames):
             state = self.streams.get(frame.stream)
@@ -230,7 +284,7 @@ class Service:
         detections = postprocess(
             out.boxes[i], out.scores[i], out.labels[i], scale=out.scales[i],
             frame_size=(frame.width, frame.height), stream_cfg=state.config,
-            class_names=self.runner.class_names)
+            class_names=self.class_names)
         result = FrameResult(
             stream=frame.stream, frame_index=frame.index, pts=frame.pts,
             capture_ns=frame.capture_ns, width=frame.width, height=frame.height,
@@ -244,7 +298,8 @@ class Service:
         self.metrics.observe_frame(started - frame.decoded_mono,
                                    (result.publish_ns - frame.capture_ns) / 1e9)
         if self.config.snapshot.enabled and self.snapshots.due(frame.stream):
-            image = frame_rgb(frame, self.device).cpu().numpy()  # one host copy per interval
+            # One host copy per interval.
+            image = frame_rgb(frame, state.worker.device).cpu().numpy()
             self.snapshots.put(frame.stream, image, detections)
         if self.on_result is not None:
             self.on_result(frame, result)
@@ -261,7 +316,7 @@ class Service:
             return
         self._last_tick = now
         for name, state in self.streams.items():
-            stats, slot = state.source.stats, self.slots.stats(name)
+            stats, slot = state.source.stats, state.worker.slots.stats(name)
             state.fps_out = (state.published - state.published_at_tick) / interval
             state.published_at_tick = state.published
             if slot.dropped > state.dropped_at_tick:
@@ -279,14 +334,16 @@ class Service:
 
 def run(config: DaemonConfig, *, stop_event: threading.Event | None = None,
         reload_event: threading.Event | None = None, config_path: str | Path | None = None,
-        on_result: OnResult | None = None, restrict: Restrict | None = None) -> int:
+        on_result: OnResult | None = None, restrict: Restrict | None = None,
+        devices: Sequence[torch.device] | None = None) -> int:
     """Run the daemon until SIGTERM/SIGINT or `stop_event`; SIGHUP (or `reload_event`) re-reads
     `config_path`.
 
     Signal handlers are installed only when called from the main thread (tests and embedders
     run it in a thread and use the events). `on_result(frame, result)` sees every published
     frame with its decoded pixels. `restrict` maps every loaded config (at start and on each
-    reload) to the part this process serves, e.g. `Shard.restrict`. Returns the exit code.
+    reload) to the part this process serves, e.g. `Shard.restrict`. `devices` overrides the
+    engine devices chosen from the config (one worker each). Returns the exit code.
     """
     stop = stop_event or threading.Event()
     reload = reload_event or threading.Event()
@@ -295,7 +352,8 @@ def run(config: DaemonConfig, *, stop_event: threading.Event | None = None,
         for sig, event in ((signal.SIGTERM, stop), (signal.SIGINT, stop),
                            (signal.SIGHUP, reload)):
             previous[sig] = signal.signal(sig, lambda *_, e=event: e.set())
-    service = Service(config, config_path=config_path, on_result=on_result, restrict=restrict)
+    service = Service(config, config_path=config_path, on_result=on_result, restrict=restrict,
+                      devices=devices)
     try:
         service.start()
         service.serve(stop, reload)
