@@ -43,6 +43,18 @@ def _env_secret(monkeypatch, caplog):
     caplog.set_level(logging.DEBUG)
 
 
+@pytest.fixture
+def steady_and_faulty(engine, tmp_path):
+    """(camera to break, daemon): it and a steady camera publishing through the daemon."""
+    with FaultyCamera() as steady, FaultyCamera() as cam, \
+            FaultDaemon(tmp_path, engine, {
+                "steady": steady.url(userinfo=f"viewer:${{{ENV_NAME}}}"),
+                "cam": cam.url(userinfo=f"admin:{URL_PASSWORD}")}) as d:
+        wait_for(lambda: len(d.recorder.det("cam")) >= 3 and len(d.recorder.det("steady")) >= 3,
+                 60, "both cameras publishing")
+        yield cam, d
+
+
 def publish_times(messages) -> list[float]:
     return [m.payload["publish_ns"] / 1e9 for m in messages]
 
@@ -91,41 +103,36 @@ def test_killed_server_resumes_within_5s_and_other_cameras_never_pause(engine, t
 
 
 @pytest.mark.slow
-def test_camera_that_goes_quiet_is_detected_as_stalled_and_reconnected(engine, tmp_path,
+def test_camera_that_goes_quiet_is_detected_as_stalled_and_reconnected(steady_and_faulty,
                                                                       caplog) -> None:
     """`silent`: the connection stays open and nothing comes (the read timeout sees it);
     `filler`: RTP keeps flowing but holds no picture (only the decoded-frame watchdog sees it)."""
     limit = RECONNECT["stall_timeout_s"] + RECONNECT["read_timeout_s"] + 2.0
-    with FaultyCamera() as steady, FaultyCamera() as cam, \
-            FaultDaemon(tmp_path, engine, {
-                "steady": steady.url(userinfo=f"viewer:${{{ENV_NAME}}}"),
-                "cam": cam.url(userinfo=f"admin:{URL_PASSWORD}")}) as d:
-        rec = d.recorder
-        wait_for(lambda: len(rec.det("cam")) >= 3 and len(rec.det("steady")) >= 3, 60,
-                 "both cameras publishing")
-        started = time.monotonic()
-        for mode in ("silent", "filler"):
-            reconnects, connections = rec.last_status("cam")["reconnects"], cam.connections
-            cam.mode = mode
-            broke = time.monotonic()
-            wait_for(lambda r=reconnects: rec.last_status("cam")["reconnects"] > r, limit,
-                     f"the {mode} camera detected and reconnected")
-            detected = time.monotonic() - broke
-            health = d.healthz()["streams"]["cam"]
-            wait_for(lambda c=connections: cam.connections > c, 5, "a new connection")
-            status = rec.last_status("cam")
-            d.http("/metrics")
-            cam.mode = "ok"
-            healed = time.monotonic()
-            wait_for(lambda t=healed: len(rec.det_after("cam", t)) >= 2, 15,
-                     f"frames again after {mode}")
-            assert detected < limit, f"{mode}: took {detected:.1f} s to notice"
-            assert status["error"], f"{mode}: no reason in the status heartbeat: {status}"
-            assert health["state"] == "reconnecting" or health["last_frame_age_s"] > 1.0, \
-                f"{mode}: /healthz shows a healthy camera: {health}"
-            if mode == "filler":
-                assert "no picture" in status["error"], status["error"]
-        steady_after = [m for m in rec.det("steady") if m.arrived > started]
+    cam, d = steady_and_faulty
+    rec = d.recorder
+    started = time.monotonic()
+    for mode in ("silent", "filler"):
+        reconnects, connections = rec.last_status("cam")["reconnects"], cam.connections
+        cam.mode = mode
+        broke = time.monotonic()
+        wait_for(lambda r=reconnects: rec.last_status("cam")["reconnects"] > r, limit,
+                 f"the {mode} camera detected and reconnected")
+        detected = time.monotonic() - broke
+        health = d.healthz()["streams"]["cam"]
+        wait_for(lambda c=connections: cam.connections > c, 5, "a new connection")
+        status = rec.last_status("cam")
+        d.http("/metrics")
+        cam.mode = "ok"
+        healed = time.monotonic()
+        wait_for(lambda t=healed: len(rec.det_after("cam", t)) >= 2, 15,
+                 f"frames again after {mode}")
+        assert detected < limit, f"{mode}: took {detected:.1f} s to notice"
+        assert status["error"], f"{mode}: no reason in the status heartbeat: {status}"
+        assert health["state"] == "reconnecting" or health["last_frame_age_s"] > 1.0, \
+            f"{mode}: /healthz shows a healthy camera: {health}"
+        if mode == "filler":
+            assert "no picture" in status["error"], status["error"]
+    steady_after = [m for m in rec.det("steady") if m.arrived > started]
 
     assert max_gap(publish_times(steady_after)) < pause_bound(steady_after), \
         "the other camera paused"
@@ -134,33 +141,28 @@ def test_camera_that_goes_quiet_is_detected_as_stalled_and_reconnected(engine, t
 
 
 @pytest.mark.slow
-def test_garbage_and_truncated_streams_recover(engine, tmp_path, caplog) -> None:
+def test_garbage_and_truncated_streams_recover(steady_and_faulty, caplog) -> None:
     """Random RTP payloads, random bytes in place of RTP packets, and a connection cut halfway
     through a packet: each time the camera's frames come back and nothing else notices."""
-    with FaultyCamera() as steady, FaultyCamera() as cam, \
-            FaultDaemon(tmp_path, engine, {
-                "steady": steady.url(userinfo=f"viewer:${{{ENV_NAME}}}"),
-                "cam": cam.url(userinfo=f"admin:{URL_PASSWORD}")}) as d:
-        rec = d.recorder
-        wait_for(lambda: len(rec.det("cam")) >= 3 and len(rec.det("steady")) >= 3, 60,
-                 "both cameras publishing")
-        started = time.monotonic()
-        recovery = {}
-        for fault in ("garbage", "noise", "cut"):
-            broke = time.monotonic()
-            if fault == "cut":
-                cam.cut()
-            else:
-                cam.mode = fault
-                time.sleep(1.5)  # the fault lasts this long
-                cam.mode = "ok"
-            healed = time.monotonic()
-            wait_for(lambda t=healed: len(rec.det_after("cam", t)) >= 2, 15,
-                     f"frames again after {fault}")
-            recovery[fault] = rec.det_after("cam", healed)[0].arrived - healed
-            assert rec.det_after("steady", broke), f"steady stopped during {fault}"
-            d.sample_http()
-        steady_after = [m for m in rec.det("steady") if m.arrived > started]
+    cam, d = steady_and_faulty
+    rec = d.recorder
+    started = time.monotonic()
+    recovery = {}
+    for fault in ("garbage", "noise", "cut"):
+        broke = time.monotonic()
+        if fault == "cut":
+            cam.cut()
+        else:
+            cam.mode = fault
+            time.sleep(1.5)  # the fault lasts this long
+            cam.mode = "ok"
+        healed = time.monotonic()
+        wait_for(lambda t=healed: len(rec.det_after("cam", t)) >= 2, 15,
+                 f"frames again after {fault}")
+        recovery[fault] = rec.det_after("cam", healed)[0].arrived - healed
+        assert rec.det_after("steady", broke), f"steady stopped during {fault}"
+        d.sample_http()
+    steady_after = [m for m in rec.det("steady") if m.arrived > started]
 
     assert all(s < 5.0 for s in recovery.values()), f"recovery took {recovery} s"
     assert max_gap(publish_times(steady_after)) < pause_bound(steady_after), \
