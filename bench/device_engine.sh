@@ -4,6 +4,8 @@
 #                                      # (builds the Inductor FP16 engine: ~2 min per batch size)
 #   bash bench/device_engine.sh warm   # next call while the machine is warm: daemon warm start
 #                                      # from the engine the first call left in /tmp
+#   bash bench/device_engine.sh swin   # bench/swin_attention.py (Swin attention variants side by
+#                                      # side), then bench/engine.py at batch 1 only (~3.5 min)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/engine-out}
@@ -29,5 +31,12 @@ case "${1:-main}" in
     timeout 400 python3 bench/engine.py --sizes 1152x768 --batches 1,8 --iters 20 \
       --engine "1152x768=$engine" --warm-start --json "$out/engine_warm.json" \
       --results "$out/RESULTS.md" 2>&1 | tee "$out/bench_warm.log"
+    ;;
+  swin)
+    { timeout 90 python3 bench/swin_attention.py --batch 1 --stages 1,3 --kernels
+      timeout 50 python3 bench/swin_attention.py --batch 8 --stages 1 --variants explicit,sdpa
+    } 2>&1 | grep -v Warning | tee "$out/swin.log"
+    timeout 320 python3 bench/engine.py --sizes 1152x768 --batches 1 --iters 20 \
+      --profile "$out" --json "$out/engine.json" --results "$out/RESULTS.md" 2>&1 | tee "$out/bench.log"
     ;;
 esac
