@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -47,6 +48,10 @@ OnResult = Callable[[Frame, FrameResult], None]
 Restrict = Callable[[DaemonConfig], DaemonConfig]
 JOIN_TIMEOUT_S = 3.0  # sources blocked in a read longer than this die with the process
 WATCHDOG_STALL_S = 30.0
+# The GIL switch interval while the daemon runs (Python's default: 5 ms). The engine workers hand
+# the GIL over at every torch call; with a camera thread per stream, getting it back can take a
+# whole interval, which lands on the per-frame time outside the engine.
+SWITCH_INTERVAL_S = 0.001
 
 
 def select_devices(config: DaemonConfig) -> list[torch.device]:
@@ -87,6 +92,15 @@ class _Worker:
     @property
     def device(self) -> torch.device:
         return self.runner.device
+
+
+@dataclass
+class _Done:
+    """A batch whose outputs are on the host, to be published."""
+
+    frames: list[Frame]
+    out: BatchOutput
+    started: float  # monotonic, when it was submitted
 
 
 @dataclass
@@ -174,16 +188,34 @@ class Service:
             raise self._failure
 
     def _work(self, worker: _Worker, stop: threading.Event) -> None:
-        """One engine worker: batches from its slots through its runner to the publisher."""
+        """One engine worker: batches from its slots through its runner to the publisher.
+
+        On a GPU a batch is published while the engine runs the next one, if the next is already
+        waiting: the engine then waits for the host only while a batch is being submitted.
+        """
+        done: _Done | None = None
         try:
             if worker.device.type == "cuda":
                 torch.cuda.set_device(worker.device)
             while not stop.is_set():
+                if done is not None and not (worker.runner.asynchronous
+                                             and worker.batcher.ready()):
+                    self._process(done)  # nothing to overlap with: publish now
+                    done = None
                 frames = worker.batcher.next_batch(stop)
-                if frames:
-                    self._process(worker, frames)
+                started = time.monotonic()
+                pending = worker.runner.submit(frames) if frames else None
+                if done is not None:
+                    self._process(done)
+                    done = None
+                if pending is not None:
+                    out = pending.result()
+                    self.metrics.observe_batch(len(frames), time.monotonic() - started)
+                    done = _Done(frames, out, started)
                     self._watchdog.progress()
                 self.liveness.beat()
+            if done is not None:  # the batch in flight is always published
+                self._process(done)
         except BaseException as exc:
             self._failure = exc
             stop.set()
@@ -268,15 +300,12 @@ class Service:
 
     # ---- the data path ----
 
-    def _process(self, worker: _Worker, frames: list[Frame]) -> None:
-        started = time.monotonic()
-        out = worker.runner.run(frames)
-        self.metrics.observe_batch(len(frames), time.monotonic() - started)
-        for i, frame in enumerate(frames):
+    def _process(self, done: _Done) -> None:
+        for i, frame in enumerate(done.frames):
             state = self.streams.get(frame.stream)
             if state is None:  # removed by a reload while its frame waited
                 continue
-            self._publish(frame, state, out, i, started)
+            self._publish(frame, state, done.out, i, done.started)
 
     def _publish(self, frame: Frame, state: _Stream, out: BatchOutput, i: int,
                  started: float) -> None:
@@ -335,7 +364,8 @@ class Service:
 def run(config: DaemonConfig, *, stop_event: threading.Event | None = None,
         reload_event: threading.Event | None = None, config_path: str | Path | None = None,
         on_result: OnResult | None = None, restrict: Restrict | None = None,
-        devices: Sequence[torch.device] | None = None) -> int:
+        devices: Sequence[torch.device] | None = None,
+        switch_interval_s: float | None = SWITCH_INTERVAL_S) -> int:
     """Run the daemon until SIGTERM/SIGINT or `stop_event`; SIGHUP (or `reload_event`) re-reads
     `config_path`.
 
@@ -343,7 +373,8 @@ def run(config: DaemonConfig, *, stop_event: threading.Event | None = None,
     run it in a thread and use the events). `on_result(frame, result)` sees every published
     frame with its decoded pixels. `restrict` maps every loaded config (at start and on each
     reload) to the part this process serves, e.g. `Shard.restrict`. `devices` overrides the
-    engine devices chosen from the config (one worker each). Returns the exit code.
+    engine devices chosen from the config (one worker each). The interpreter's GIL switch
+    interval is `switch_interval_s` while it runs (None: left alone). Returns the exit code.
     """
     stop = stop_event or threading.Event()
     reload = reload_event or threading.Event()
@@ -354,6 +385,9 @@ def run(config: DaemonConfig, *, stop_event: threading.Event | None = None,
             previous[sig] = signal.signal(sig, lambda *_, e=event: e.set())
     service = Service(config, config_path=config_path, on_result=on_result, restrict=restrict,
                       devices=devices)
+    interval = sys.getswitchinterval()
+    if switch_interval_s is not None:
+        sys.setswitchinterval(switch_interval_s)
     try:
         service.start()
         service.serve(stop, reload)
@@ -361,4 +395,5 @@ def run(config: DaemonConfig, *, stop_event: threading.Event | None = None,
         service.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        sys.setswitchinterval(interval)
     return 0
