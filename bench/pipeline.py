@@ -6,10 +6,12 @@ utilisation, and the ratio of the daemon's throughput to the engine's standalone
 its largest batch (measured first, in the same process, CUDA events on a GPU).
 
 Numerics come first: the first published frame of a camera is run through the engine directly
-and its detections must match the daemon's.
+and its detections must match the daemon's. `--switch-intervals` runs the daemon once per value
+of the interpreter's GIL switch interval (side by side, same engine and cameras).
 
     # GPU machine (no GStreamer there: tests/rtsp_replay.py serves the cameras)
-    python bench/pipeline.py --build-full fp16 --cameras 16 --fps 5 --seconds 30
+    python bench/pipeline.py --build-full fp16 --backend inductor --batch-sizes 8 \
+        --cameras 16 --fps 5 --seconds 15 --switch-intervals 0.005,0.001
     # CPU, tiny engine
     python bench/pipeline.py --engine ENGINE --cameras 2 --size 320x240 --seconds 20
 """
@@ -17,7 +19,6 @@ and its detections must match the daemon's.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shutil
 import subprocess
@@ -47,8 +48,8 @@ def start_cameras(size: str, fps: int) -> tuple[subprocess.Popen, int]:
     return proc, int(line.split()[1])
 
 
-def build_full_engine(out: Path, precision: str, batch_sizes: list[int]) -> Path:
-    """Full-size Co-DINO Swin-L at 1152x768 with seeded random weights, eager backend."""
+def build_full_engine(out: Path, backend: str, precision: str, batch_sizes: list[int]):
+    """Full-size Co-DINO Swin-L at 1152x768 with seeded random weights; returns the engine."""
     from codetr_stream.compile import build_model
     from codetr_stream.compile.configs import BUILTIN
     from codetr_stream.compile.engines import build_engine
@@ -57,10 +58,15 @@ def build_full_engine(out: Path, precision: str, batch_sizes: list[int]) -> Path
     torch.manual_seed(0)
     model = build_model("co_dino_swin_l", device="cuda")
     model.class_names = list(COCO_CLASSES)
-    build_engine(model, out, backend="eager", precision=precision, input_hw=(768, 1152),
-                 batch_sizes=batch_sizes, config_name="co_dino_swin_l",
-                 config=BUILTIN["co_dino_swin_l"](), device="cuda", seed=0)
-    return out
+    started = time.perf_counter()
+    engine, _ = build_engine(model, out, backend=backend, precision=precision,
+                             input_hw=(768, 1152), batch_sizes=batch_sizes,
+                             config_name="co_dino_swin_l", config=BUILTIN["co_dino_swin_l"](),
+                             device="cuda", seed=0)
+    print(f"engine {backend} {precision} {batch_sizes} built in "
+          f"{time.perf_counter() - started:.0f} s", flush=True)
+    del model
+    return engine
 
 
 def engine_throughput(engine, batch: int, iters: int) -> float:
@@ -129,12 +135,93 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
+def daemon_run(config, names: list[str], args: argparse.Namespace, engine,
+               switch_interval: float | None) -> dict[str, str]:
+    """One daemon run in this process: warm-up, then the measured window; returns table rows."""
+    from codetr_stream.daemon import service
+
+    records: list[tuple[float, str, dict, float]] = []
+    first: dict = {}
+
+    def tap(frame, result) -> None:
+        lat = result.latencies_ms
+        records.append((time.monotonic(), frame.stream, lat,
+                        (result.publish_ns - frame.capture_ns) / 1e6))
+        first.setdefault("frame", (frame, result))
+
+    stop = threading.Event()
+    daemon = threading.Thread(target=service.run, args=(config,),
+                              kwargs={"stop_event": stop, "on_result": tap,
+                                      "switch_interval_s": switch_interval})
+    sampler = GpuSampler()
+    started = time.monotonic()
+    daemon.start()
+    while not first and daemon.is_alive() and time.monotonic() - started < 300:
+        time.sleep(0.2)
+    if not first:
+        stop.set()
+        sys.exit("bench: the daemon published nothing")
+    print(f"first frame published {time.monotonic() - started:.0f} s after start", flush=True)
+    frame, result = first["frame"]
+    stream_cfg = next(s for s in config.streams if s.name == frame.stream)
+    score_diff = check_numerics(engine, frame, result, stream_cfg)
+    print(f"numerics: max score difference daemon vs engine {score_diff:.2e}", flush=True)
+    time.sleep(args.warmup)
+    sampler.start()
+    t0 = time.monotonic()
+    time.sleep(args.seconds)
+    t1 = time.monotonic()
+    sampler.stop.set()
+    stop.set()
+    daemon.join(timeout=30)
+
+    window = [r for r in records if t0 <= r[0] < t1]
+    per_stream = defaultdict(int)
+    for _, name, _, _ in window:
+        per_stream[name] += 1
+    fps = [per_stream[n] / (t1 - t0) for n in names]
+    e2e = [r[3] for r in window]
+    outside = [r[2]["preprocess"] + r[2]["postprocess"] for r in window]
+    pre = [r[2]["preprocess"] for r in window]
+    # Frames of one batch share its stage times exactly: count them to split the batch's cost.
+    batch_n = Counter((r[2]["preprocess"], r[2]["infer"]) for r in window)
+    share = [r[2]["preprocess"] / batch_n[r[2]["preprocess"], r[2]["infer"]]
+             + r[2]["postprocess"] for r in window]
+    post = [r[2]["postprocess"] for r in window]
+    queue = [r[2]["queue"] for r in window]
+    infer = [r[2]["infer"] for r in window]
+    return {
+        "numerics (max score diff vs engine)": f"{score_diff:.1e}",
+        "daemon throughput": f"{sum(fps):.1f} frames/s",
+        "per-stream fps min / mean": f"{min(fps):.2f} / {np.mean(fps):.2f}",
+        "capture->publish p50 / p99 ms": f"{percentile(e2e, 50):.1f} / {percentile(e2e, 99):.1f}",
+        "outside engine per frame, latency (batch pre + own post) p50 / p99 ms":
+            f"{percentile(outside, 50):.2f} / {percentile(outside, 99):.2f}",
+        "outside engine per frame, cost (batch pre / batch size + post) p50 / p99 ms":
+            f"{percentile(share, 50):.2f} / {percentile(share, 99):.2f}",
+        "  of which preprocess (per batch, GPU) p50 / p99 ms":
+            f"{percentile(pre, 50):.2f} / {percentile(pre, 99):.2f}",
+        "  of which postprocess (per frame, CPU) p50 / p99 ms":
+            f"{percentile(post, 50):.2f} / {percentile(post, 99):.2f}",
+        "queue wait p50 / p99 ms": f"{percentile(queue, 50):.1f} / {percentile(queue, 99):.1f}",
+        "engine per batch p50 ms": f"{percentile(infer, 50):.1f}",
+        "full batches / all batches": f"{sum(n == args.max_batch for n in batch_n.values())}"
+                                      f" / {len(batch_n)}",
+        "GPU utilisation mean": (f"{np.mean(sampler.samples):.0f}%" if sampler.samples
+                                 else "n/a"),
+        "_throughput": f"{sum(fps)}",
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--engine", type=Path, help="engine directory")
     source.add_argument("--build-full", choices=("fp16", "fp32"),
-                        help="build the full-size eager engine (seeded random weights) first")
+                        help="build the full-size engine (seeded random weights) first")
+    parser.add_argument("--backend", default="eager", choices=("eager", "inductor"),
+                        help="backend of --build-full")
+    parser.add_argument("--batch-sizes", default="1,2,4,8", help="batch sizes of --build-full")
     parser.add_argument("--cameras", type=int, default=16)
     parser.add_argument("--fps", type=int, default=5)
     parser.add_argument("--size", default="1280x720", help="camera resolution WxH")
@@ -142,6 +229,9 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=8.0, help="seconds before measuring")
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--max-wait-ms", type=float, default=20.0)
+    parser.add_argument("--switch-intervals", default="",
+                        help="comma-separated GIL switch intervals (s), one daemon run each; "
+                             "default: one run with the daemon's own setting")
     parser.add_argument("--out", type=Path, help="write the markdown section here")
     args = parser.parse_args()
 
@@ -150,10 +240,13 @@ def main() -> int:
     from codetr_stream.daemon.config import load_config
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
-    engine_dir = args.engine or build_full_engine(
-        tmp / "engine", args.build_full, [b for b in (1, 2, 4, 8) if b <= args.max_batch])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    engine = load_engine(engine_dir, device)
+    if args.engine:
+        engine_dir, engine = args.engine, load_engine(args.engine, device)
+    else:
+        engine_dir = tmp / "engine"
+        sizes = [int(b) for b in args.batch_sizes.split(",") if int(b) <= args.max_batch]
+        engine = build_full_engine(engine_dir, args.backend, args.build_full, sizes)
     largest = max(b for b in engine.manifest.batch_sizes if b <= args.max_batch)
     standalone = engine_throughput(engine, largest, iters=10 if device.type == "cuda" else 2)
     print(f"engine standalone: {standalone:.1f} frames/s at batch {largest}", flush=True)
@@ -169,89 +262,40 @@ def main() -> int:
         + "".join(f'  - {{name: {n}, url: "rtsp://127.0.0.1:{port}/{n}", min_score: 0.3}}\n'
                   for n in names))
     config = load_config(config_path)
-    records: list[tuple[float, str, dict, float]] = []
-    first: dict = {}
+    intervals = ([float(v) for v in args.switch_intervals.split(",")] if args.switch_intervals
+                 else [service.SWITCH_INTERVAL_S])
+    runs = {}
+    try:
+        for interval in intervals:
+            print(f"daemon run, GIL switch interval {interval * 1e3:g} ms", flush=True)
+            runs[f"switch interval {interval * 1e3:g} ms"] = daemon_run(
+                config, names, args, engine, interval)
+    finally:
+        server.kill()
 
-    def tap(frame, result) -> None:
-        lat = result.latencies_ms
-        records.append((time.monotonic(), frame.stream, lat,
-                        (result.publish_ns - frame.capture_ns) / 1e6))
-        first.setdefault("frame", (frame, result))
-
-    stop = threading.Event()
-    daemon = threading.Thread(target=service.run, args=(config,),
-                              kwargs={"stop_event": stop, "on_result": tap})
-    sampler = GpuSampler()
-    started = time.monotonic()
-    daemon.start()
-    while not first and time.monotonic() - started < 300:
-        time.sleep(0.2)
-    frame, result = first["frame"]
-    stream_cfg = next(s for s in config.streams if s.name == frame.stream)
-    score_diff = check_numerics(engine, frame, result, stream_cfg)
-    print(f"numerics: max score difference daemon vs engine {score_diff:.2e}", flush=True)
-    time.sleep(args.warmup)
-    sampler.start()
-    t0 = time.monotonic()
-    time.sleep(args.seconds)
-    t1 = time.monotonic()
-    sampler.stop.set()
-    stop.set()
-    daemon.join(timeout=30)
-    server.kill()
-
-    window = [r for r in records if t0 <= r[0] < t1]
-    per_stream = defaultdict(int)
-    for _, name, _, _ in window:
-        per_stream[name] += 1
-    fps = [per_stream[n] / (t1 - t0) for n in names]
-    total = sum(fps)
-    e2e = [r[3] for r in window]
-    outside = [r[2]["preprocess"] + r[2]["postprocess"] for r in window]
-    pre = [r[2]["preprocess"] for r in window]
-    # Frames of one batch share its stage times exactly: count them to split the batch's cost.
-    batch_n = Counter((r[2]["preprocess"], r[2]["infer"]) for r in window)
-    share = [r[2]["preprocess"] / batch_n[r[2]["preprocess"], r[2]["infer"]]
-             + r[2]["postprocess"] for r in window]
-    post = [r[2]["postprocess"] for r in window]
-    queue = [r[2]["queue"] for r in window]
-    infer = [r[2]["infer"] for r in window]
     offered = args.cameras * args.fps
-    rows = {
+    for rows in runs.values():
+        total = float(rows.pop("_throughput"))
+        rows["ratio to standalone"] = (f"{total / standalone:.1%} (of min(offered, "
+                                       f"standalone): {total / min(offered, standalone):.1%})")
+    common = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor()
         or "cpu",
         "engine": f"{engine.manifest.backend} {engine.manifest.precision} "
                   f"{engine.manifest.input_hw[1]}x{engine.manifest.input_hw[0]} "
-                  f"({engine.manifest.config_name}, random weights: "
-                  f"{engine.manifest.random_weights})",
+                  f"batch {engine.manifest.batch_sizes} ({engine.manifest.config_name}, "
+                  f"random weights: {engine.manifest.random_weights})",
         "cameras": f"{args.cameras} x {args.size} @ {args.fps} fps = {offered} frames/s offered",
-        "numerics (max score diff vs engine)": f"{score_diff:.1e}",
         "engine standalone": f"{standalone:.1f} frames/s (batch {largest})",
-        "daemon throughput": f"{total:.1f} frames/s",
-        "ratio to standalone": f"{total / standalone:.1%} "
-                               f"(of min(offered, standalone): "
-                               f"{total / min(offered, standalone):.1%})",
-        "per-stream fps min / mean": f"{min(fps):.2f} / {np.mean(fps):.2f}",
-        "capture->publish p50 / p99 ms": f"{percentile(e2e, 50):.1f} / {percentile(e2e, 99):.1f}",
-        "outside engine per frame, latency (batch pre + own post) p50 / p99 ms":
-            f"{percentile(outside, 50):.2f} / {percentile(outside, 99):.2f}",
-        "outside engine per frame, cost (batch pre / batch size + post) p50 / p99 ms":
-            f"{percentile(share, 50):.2f} / {percentile(share, 99):.2f}",
-        "  of which preprocess (per batch, GPU) p50 / p99 ms":
-            f"{percentile(pre, 50):.2f} / {percentile(pre, 99):.2f}",
-        "  of which postprocess (per frame, CPU) p50 / p99 ms":
-            f"{percentile(post, 50):.2f} / {percentile(post, 99):.2f}",
-        "queue wait p50 / p99 ms": f"{percentile(queue, 50):.1f} / {percentile(queue, 99):.1f}",
-        "engine per batch p50 ms": f"{percentile(infer, 50):.1f}",
-        "GPU utilisation mean": (f"{np.mean(sampler.samples):.0f}%" if sampler.samples
-                                 else "n/a"),
     }
     command = "python bench/pipeline.py " + " ".join(sys.argv[1:])
+    columns = list(runs)
     text = (f"Date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC. Command: `{command}`\n\n"
-            "| measure | value |\n|---|---|\n"
-            + "".join(f"| {k} | {v} |\n" for k, v in rows.items()))
+            + "".join(f"- {k}: {v}\n" for k, v in common.items()) + "\n"
+            + f"| measure | {' | '.join(columns)} |\n|---|{'---|' * len(columns)}\n"
+            + "".join(f"| {k} | {' | '.join(runs[c][k] for c in columns)} |\n"
+                      for k in runs[columns[0]]))
     print(text)
-    print(json.dumps({"per_stream_fps": dict(zip(names, fps, strict=True))}))
     if args.out:
         args.out.write_text(text)
     return 0
