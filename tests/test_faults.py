@@ -26,7 +26,7 @@ from fault_helpers import (
     pause_bound,
     wait_for,
 )
-from rtsp_server import RtspServer
+from rtsp_server import RtspServer, TcpCamera
 from test_daemon_e2e import assert_same_detections
 
 SECRETS = (URL_PASSWORD, ENV_PASSWORD)
@@ -137,6 +137,25 @@ def test_camera_that_goes_quiet_is_detected_as_stalled_and_reconnected(steady_an
     assert max_gap(publish_times(steady_after)) < pause_bound(steady_after), \
         "the other camera paused"
     assert indexes_increase(rec.det("cam"))
+    assert_no_secrets(d.transcript(caplog.text), SECRETS)
+
+
+@pytest.mark.slow
+def test_server_that_accepts_and_never_answers_is_retried(engine, tmp_path, caplog) -> None:
+    """A TCP server that accepts and sends nothing, not even an RTSP reply: each attempt ends
+    at the open timeout, is reported, and the next connection comes after the backoff."""
+    with FaultyCamera() as steady, TcpCamera("silent") as mute, FaultDaemon(tmp_path, engine, {
+            "steady": steady.url(userinfo=f"viewer:${{{ENV_NAME}}}"),
+            "mute": mute.url().replace("rtsp://", f"rtsp://admin:{URL_PASSWORD}@")}) as d:
+        rec = d.recorder
+        wait_for(lambda: mute.connections >= 3 and (rec.last_status("mute") or {}).get(
+            "reconnects", 0) >= 2, 3 * (RECONNECT["open_timeout_s"] + 1.5) + 10,
+            "three connection attempts")
+        status = rec.last_status("mute")
+        steady_msgs = rec.det("steady")
+    assert not status["connected"] and status["error"], status
+    assert status["frames_in"] == 0 and not rec.det("mute")
+    assert len(steady_msgs) >= 3 and max_gap(publish_times(steady_msgs)) < pause_bound(steady_msgs)
     assert_no_secrets(d.transcript(caplog.text), SECRETS)
 
 
