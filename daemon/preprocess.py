@@ -6,22 +6,20 @@ bit-for-bit the reference's. An NVDEC frame is NV12 in GPU memory and is convert
 host copy of pixels); a CPU-decoded frame is already RGB in host memory.
 
 Frames of one size are processed together: one set of kernels per batch and size instead of per
-frame. On a GPU each (rows, size, format) is also captured once in a CUDA graph, so a batch costs
-two launches (gather the pixels, replay). Launches matter more than GPU time here: every one hands
-the GIL to the camera threads, and getting it back can take a whole switch interval.
+frame. Launches matter more than GPU time here: every one hands the GIL to the camera threads, and
+getting it back can take a whole switch interval. (A CUDA graph per batch layout would cut them to
+two, but capturing one while the camera threads run NVDEC was invalidated on the GPU machine.)
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from codetr_stream.compile.preprocess import MEAN_RGB, STD_RGB, plan_resize
 from codetr_stream.daemon.frames import Frame
-
-MAX_GRAPHS = 32  # (rows, size) combinations kept; a fleet of one camera model needs a few
 
 
 def _nv12_to_rgb_float(nv12: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -82,44 +80,15 @@ class _SizeGroup:
         images[rows] = (canvas - self.mean) / self.std
 
 
-class _Graphed:
-    """A `_SizeGroup` on fixed rows, captured in a CUDA graph with a static pixel buffer."""
-
-    def __init__(self, group: _SizeGroup, pixels: torch.Tensor, images: torch.Tensor,
-                 rows: Rows, pool: tuple[int, int]) -> None:
-        self.pixels = pixels.clone()
-        self.graph = torch.cuda.CUDAGraph()
-
-        def run() -> None:
-            group(self.pixels, images, rows)
-
-        side = torch.cuda.Stream(pixels.device)
-        side.wait_stream(torch.cuda.current_stream(pixels.device))
-        with torch.cuda.stream(side):
-            run()  # warm-up: this call's result, and lazy kernel loading outside the capture
-        torch.cuda.current_stream(pixels.device).wait_stream(side)
-        # thread_local: the camera threads keep decoding (their own CUDA calls) meanwhile.
-        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
-            run()
-
-    def __call__(self, frames: Sequence[Frame]) -> None:
-        torch.stack([f.pixels.to(self.pixels.device) for f in frames], out=self.pixels)
-        self.graph.replay()
-
-
 class Preprocessor:
     """Writes frames into rows of an (N, 3, H, W) float32 image buffer and its (N, H, W) mask."""
 
-    def __init__(self, input_hw: tuple[int, int], device: torch.device, *,
-                 cuda_graphs: bool | None = None) -> None:
+    def __init__(self, input_hw: tuple[int, int], device: torch.device) -> None:
         self.input_hw = input_hw
         self.device = device
-        self.cuda_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.mean = torch.tensor(MEAN_RGB, device=device)[:, None, None]
         self.std = torch.tensor(STD_RGB, device=device)[:, None, None]
         self._groups: dict[tuple[str, int, int], _SizeGroup] = {}
-        self._graphs: OrderedDict[tuple, _Graphed] = OrderedDict()
-        self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
 
     def __call__(self, frames: Sequence[Frame], images: torch.Tensor,
                  masks: torch.Tensor) -> list[tuple[float, float]]:
@@ -137,29 +106,12 @@ class Preprocessor:
             group = self._groups.get(key)
             if group is None:
                 group = self._groups[key] = _SizeGroup(*key, self.input_hw, self.mean, self.std)
-            members = [frames[i] for i in rows]
-            self._run(group, members, rows, images)
+            pixels = torch.stack([frames[i].pixels.to(self.device) for i in rows])
+            group(pixels, images, _rows(rows, images.device))
             for i in rows:
                 scales[i] = group.plan.scale_xy
         masks[:len(frames)].zero_()
         return scales
-
-    def _run(self, group: _SizeGroup, frames: list[Frame], rows: list[int],
-             images: torch.Tensor) -> None:
-        index = _rows(rows, images.device)
-        if not self.cuda_graphs:
-            group(torch.stack([f.pixels.to(self.device) for f in frames]), images, index)
-            return
-        key = (group.pixel_format, group.height, group.width, tuple(rows), images.data_ptr())
-        graphed = self._graphs.get(key)
-        if graphed is not None:
-            self._graphs.move_to_end(key)
-            graphed(frames)
-            return
-        pixels = torch.stack([f.pixels.to(self.device) for f in frames])
-        self._graphs[key] = _Graphed(group, pixels, images, index, self._pool)
-        if len(self._graphs) > MAX_GRAPHS:
-            self._graphs.popitem(last=False)
 
 
 def _rows(rows: list[int], device: torch.device) -> Rows:
