@@ -29,7 +29,7 @@ timeout 120 python3 -m pytest -p no:cacheprovider -m gpu -q -rA \
   tests/test_source_gpu.py tests/test_pipeline_gpu.py 2>&1 | tee "$out/pytest.log"
 tests=${PIPESTATUS[0]}
 timeout 440 python3 bench/pipeline.py --build-full fp16 --backend inductor --batch-sizes 8 \
-  --cameras 16 --fps 5 --seconds 15 --warmup 5 --switch-intervals 0.005,0.001 \
+  --cameras 16 --fps 5 --seconds 12 --warmup 4 --switch-intervals 0.005,0.001 \
   --out "$out/pipeline.md" 2>&1 | grep -v " INFO " | tee "$out/bench.log"
 bench=${PIPESTATUS[0]}
 echo "pytest exit $tests, bench exit $bench"

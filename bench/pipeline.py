@@ -267,9 +267,10 @@ def main() -> int:
     runs = {}
     try:
         for interval in intervals:
-            print(f"daemon run, GIL switch interval {interval * 1e3:g} ms", flush=True)
-            runs[f"switch interval {interval * 1e3:g} ms"] = daemon_run(
-                config, names, args, engine, interval)
+            label = ("the daemon's switch interval" if interval is None
+                     else f"switch interval {interval * 1e3:g} ms")
+            print(f"daemon run, {label}", flush=True)
+            runs[label] = daemon_run(config, names, args, engine, interval)
     finally:
         server.kill()
 

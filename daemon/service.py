@@ -48,10 +48,11 @@ OnResult = Callable[[Frame, FrameResult], None]
 Restrict = Callable[[DaemonConfig], DaemonConfig]
 JOIN_TIMEOUT_S = 3.0  # sources blocked in a read longer than this die with the process
 WATCHDOG_STALL_S = 30.0
-# The GIL switch interval while the daemon runs (Python's default: 5 ms). The engine workers hand
-# the GIL over at every torch call; with a camera thread per stream, getting it back can take a
-# whole interval, which lands on the per-frame time outside the engine.
-SWITCH_INTERVAL_S = 0.001
+# The GIL switch interval while the daemon runs; None keeps Python's (5 ms). The engine workers
+# hand the GIL over at every torch call and may wait up to an interval to get it back from a camera
+# thread. 1 ms was measured against 5 ms (bench/RESULTS.md, 16 cameras, H200): same throughput,
+# shorter preprocessing tail but longer postprocessing tail, so the default stays.
+SWITCH_INTERVAL_S: float | None = None
 
 
 def select_devices(config: DaemonConfig) -> list[torch.device]:
