@@ -22,7 +22,7 @@ import torch
 from codetr_stream.compile.engines.base import Engine, Outputs
 from codetr_stream.compile.engines.eager import save_config
 from codetr_stream.compile.engines.manifest import Manifest
-from codetr_stream.compile.engines.precision import PrecisionWrapper
+from codetr_stream.compile.engines.precision import PrecisionWrapper, drop_dtype_asserts
 from codetr_stream.compile.export import example_inputs, export_for_batches, export_model
 from torch import Tensor, nn
 
@@ -92,6 +92,8 @@ class InductorEngine(Engine):
 
     def _prepare(self, program: torch.export.ExportedProgram) -> PrecisionWrapper:
         module = _on_device(program.module(), self.device)
+        if self.manifest.precision == "fp16":
+            drop_dtype_asserts(module)
         for param in module.parameters():
             param.requires_grad_(False)
         return PrecisionWrapper(module, self.device, self.manifest.precision)
