@@ -31,6 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("run", help="run the detection daemon",
                               description="Read cameras, detect, publish on ZeroMQ.")
     p.add_argument("--config", type=Path, default=Path("streams.yaml"), help="streams.yaml")
+    p.add_argument("--shard-index", type=int, default=None,
+                   help="this worker's index of $CODETR_SHARD_REPLICAS (default: "
+                   "$CODETR_SHARD_INDEX, else a StatefulSet pod ordinal in $HOSTNAME)")
     p.set_defaults(handler=run_command)
 
     p = subparsers.add_parser("check-config", help="validate a streams.yaml",
@@ -138,12 +141,18 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"{args.config}: refusing to start", file=sys.stderr)
         return 1
     from codetr_stream.daemon import service
+    from codetr_stream.daemon.shard import resolve_shard
 
+    try:
+        shard = resolve_shard(index=args.shard_index)
+    except ValueError as exc:
+        print(f"{args.config}: {exc}", file=sys.stderr)
+        return 2
     # Until service.run installs its handler, a `reload` that found the pid file must not kill
     # the process (SIGHUP's default action): ignore it for that moment.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     with _pid_file(config.pid_file):
-        return int(service.run(config, config_path=args.config) or 0)
+        return int(service.run(config, config_path=args.config, restrict=shard.restrict) or 0)
 
 
 def _daemon_pid(pid_file: Path) -> int:

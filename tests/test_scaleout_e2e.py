@@ -1,10 +1,10 @@
 """Scale-out end to end on the CPU path: sharded worker processes behind the proxy, one subscriber.
 
-Three `codetr-stream run` processes each get the cameras that `codetr-stream shard --replicas 3`
-assigns to them (static sharding: one streams.yaml per worker, as on hosts without Kubernetes)
-and their own loopback ports; `codetr-stream proxy` connects to all three; one SUB on the proxy
-must see every camera exactly once. Killing one worker silences exactly its cameras, and
-restarting it brings them back.
+Three `codetr-stream run` processes read the same camera list and serve the cameras that
+rendezvous hashing gives their index (as in Kubernetes: $CODETR_SHARD_INDEX/$CODETR_SHARD_REPLICAS;
+`codetr-stream shard --replicas 3` prints the same plan), each on its own loopback port;
+`codetr-stream proxy` connects to all three; one SUB on the proxy must see every camera exactly
+once. Killing one worker silences exactly its cameras, and restarting it brings them back.
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ class Worker:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> Worker:
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}  # three workers share two cores
+        env = {**os.environ, "OMP_NUM_THREADS": "1",  # three workers share two cores
+               "CODETR_SHARD_INDEX": str(self.index), "CODETR_SHARD_REPLICAS": str(REPLICAS)}
         with self.log.open("a") as log:
             self.proc = subprocess.Popen([*CLI, "run", "--config", str(self.config)], env=env,
                                          stdout=log, stderr=subprocess.STDOUT)
@@ -132,8 +133,7 @@ def test_sharded_workers_behind_the_proxy_survive_a_worker_restart(tmp_path) -> 
         for i in range(REPLICAS):
             endpoint = f"tcp://127.0.0.1:{free_port()}"
             config = write_config(tmp_path / f"worker{i}.yaml", engine,
-                                  {name: srv.url(name) for name in plan[str(i)]},
-                                  endpoint=endpoint)
+                                  {name: srv.url(name) for name in everyone}, endpoint=endpoint)
             workers.append(Worker(i, config, endpoint, tmp_path / f"worker{i}.log"))
         logs = [w.log for w in workers]
         front = f"tcp://127.0.0.1:{free_port()}"
