@@ -38,14 +38,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def start_cameras(size: str, fps: int) -> tuple[subprocess.Popen, int]:
     """The replay RTSP server (every path is a camera); returns the process and its port."""
-    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "rtsp_replay.py"), "--port",
-                             "0", "--size", size, "--fps", str(fps)], stdout=subprocess.PIPE,
-                            text=True)
-    line = proc.stdout.readline()
-    if not line.startswith("READY"):
-        proc.kill()
-        sys.exit(f"bench: the RTSP server did not start: {line!r}")
-    return proc, int(line.split()[1])
+    sys.path.insert(0, str(ROOT / "tests"))
+    import rtsp_replay
+
+    try:
+        return rtsp_replay.start(size, fps)
+    except RuntimeError as exc:
+        sys.exit(f"bench: {exc}")
 
 
 def build_full_engine(out: Path, backend: str, precision: str, batch_sizes: list[int]):

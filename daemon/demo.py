@@ -1,6 +1,7 @@
 """`make demo`: the whole service on this machine in about half a minute, nothing to download.
 
-1. A local RTSP server (GStreamer, tests/rtsp_server.py) streams two generated cameras.
+1. A local RTSP server (GStreamer's, tests/rtsp_server.py, else tests/rtsp_replay.py) streams
+   two generated cameras.
 2. A tiny Co-DINO (the real architecture, shrunk) with RANDOM weights is built into an eager
    engine: on the GPU when there is one, else on the CPU.
 3. `codetr-stream run` starts on a generated streams.yaml, exactly as an operator would run it.
@@ -14,6 +15,7 @@ For real detections compile the official checkpoint (`codetr-stream fetch-weight
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import os
 import signal
@@ -21,10 +23,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SERVER_SCRIPT = REPO / "tests" / "rtsp_server.py"
+TESTS = REPO / "tests"
 CAMERAS = {"cam1": "h264:320x240@5/ball", "cam2": "h264:352x288@5/smpte"}
 INPUT_HW = (320, 320)
 
@@ -61,13 +64,39 @@ def build_demo_engine(out: Path) -> Path:
     return out
 
 
-def load_server_module():
-    if not SERVER_SCRIPT.is_file():
-        sys.exit(f"demo: {SERVER_SCRIPT} not found; run the demo from a source checkout")
-    spec = importlib.util.spec_from_file_location("rtsp_server", SERVER_SCRIPT)
+def load_test_module(name: str):
+    """The RTSP servers live with the tests (a source checkout), not in the package."""
+    path = TESTS / f"{name}.py"
+    if not path.is_file():
+        sys.exit(f"demo: {path} not found; run the demo from a source checkout")
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@contextlib.contextmanager
+def cameras() -> Iterator[dict[str, str]]:
+    """Camera name -> RTSP URL: GStreamer's RTSP server where it is installed, else the small
+    replay server (PyAV only), so the demo needs nothing beyond the virtualenv."""
+    gst = load_test_module("rtsp_server")
+    server = gst.RtspServer([f"{n}={spec}" for n, spec in CAMERAS.items()])
+    try:
+        server.start()
+    except (RuntimeError, FileNotFoundError, OSError) as exc:
+        print(f"GStreamer's RTSP server is not available ({exc}); using tests/rtsp_replay.py "
+              "(`sudo bash .ci/system-packages` installs GStreamer on Debian)")
+        proc, port = load_test_module("rtsp_replay").start("320x240", 5)
+        try:
+            yield {n: f"rtsp://127.0.0.1:{port}/{n}" for n in CAMERAS}
+        finally:
+            proc.kill()
+            proc.wait()
+        return
+    try:
+        yield {n: server.url(n) for n in CAMERAS}
+    finally:
+        server.stop()
 
 
 def write_config(path: Path, engine: Path, urls: dict[str, str], endpoint: str,
@@ -98,38 +127,32 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from codetr_stream.daemon.subscribe import subscribe
 
-    server_module = load_server_module()
+    ports = load_test_module("rtsp_server")
     print("NOTE: the demo model is a tiny Co-DINO with RANDOM, UNTRAINED weights. Its boxes "
           "and classes are meaningless; they show the pipeline working, not detection quality.")
     with tempfile.TemporaryDirectory(prefix="codetr-demo-") as tmp:
         tmp = Path(tmp)
         print("building the demo engine ...", flush=True)
         engine = build_demo_engine(tmp / "engine")
-        server = server_module.RtspServer([f"{n}={spec}" for n, spec in CAMERAS.items()])
-        try:
-            server.start()
-        except (RuntimeError, FileNotFoundError) as exc:
-            sys.exit(f"demo: the local RTSP server did not start ({exc}). It needs GStreamer's "
-                     "RTSP server: `sudo bash .ci/system-packages` installs it (Debian).")
-        endpoint = f"tcp://127.0.0.1:{server_module.free_port()}"
-        health_port = server_module.free_port()
-        config = tmp / "streams.yaml"
-        write_config(config, engine, {n: server.url(n) for n in CAMERAS}, endpoint, health_port)
-        print(f"RTSP cameras: {', '.join(server.url(n) for n in CAMERAS)}")
-        print(f"daemon: codetr-stream run --config {config}")
-        daemon = subprocess.Popen([sys.executable, "-m", "codetr_stream.daemon.cli", "run",
-                                   "--config", str(config)])
-        try:
-            messages = subscribe(endpoint, idle_timeout_s=120)
-            print(summary(next(messages)), flush=True)
-            print(f"snapshots: http://127.0.0.1:{health_port}/snapshot/cam1.jpg (and cam2)")
-            stop_at = time.monotonic() + args.seconds
-            while time.monotonic() < stop_at:
+        with cameras() as urls:
+            endpoint = f"tcp://127.0.0.1:{ports.free_port()}"
+            health_port = ports.free_port()
+            config = tmp / "streams.yaml"
+            write_config(config, engine, urls, endpoint, health_port)
+            print(f"RTSP cameras: {', '.join(urls.values())}")
+            print(f"daemon: codetr-stream run --config {config}")
+            daemon = subprocess.Popen([sys.executable, "-m", "codetr_stream.daemon.cli", "run",
+                                       "--config", str(config)])
+            try:
+                messages = subscribe(endpoint, idle_timeout_s=120)
                 print(summary(next(messages)), flush=True)
-        finally:
-            daemon.send_signal(signal.SIGTERM)
-            code = daemon.wait(timeout=15)
-            server.stop()
+                print(f"snapshots: http://127.0.0.1:{health_port}/snapshot/cam1.jpg (and cam2)")
+                stop_at = time.monotonic() + args.seconds
+                while time.monotonic() < stop_at:
+                    print(summary(next(messages)), flush=True)
+            finally:
+                daemon.send_signal(signal.SIGTERM)
+                code = daemon.wait(timeout=15)
     print(f"daemon exited with {code}")
     return 0 if code == 0 else 1
 

@@ -17,6 +17,8 @@ import itertools
 import random
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from fractions import Fraction
@@ -190,6 +192,17 @@ class Session:
                 except OSError:
                     self.closed.set()
                     return
+
+
+def start(size: str = "320x240", fps: int = 5) -> tuple[subprocess.Popen, int]:
+    """This file as a server process on a free loopback port (every path is a camera)."""
+    proc = subprocess.Popen([sys.executable, __file__, "--port", "0", "--size", size,
+                             "--fps", str(fps)], stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    if not line.startswith("READY"):
+        proc.kill()
+        raise RuntimeError(f"the replay RTSP server did not start: {line!r}")
+    return proc, int(line.split()[1])
 
 
 def main() -> None:
