@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch (a local file on the dev/CI machines); the GPU machine brings its own.
 TORCH ?= torch==2.13.0
 
-.PHONY: venv test lint demo clean
+.PHONY: venv system-packages test lint demo clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -16,10 +16,14 @@ $(BIN)/.installed: pyproject.toml
 
 venv: $(BIN)/.installed
 
+# Debian packages the tests use (GStreamer's RTSP server, systemd-analyze, a C++ compiler).
+system-packages:
+	@bash .ci/system-packages
+
 lint: venv
 	$(BIN)/ruff check .
 
-test: venv lint
+test: system-packages venv lint
 	$(BIN)/pytest -m "not gpu" -q
 
 demo: venv
