@@ -7,14 +7,8 @@
 #   bash bench/device_engine.sh swin   # bench/swin_attention.py (Swin attention variants side by
 #                                      # side), then bench/engine.py at batch 1 only (~3.5 min)
 set -uo pipefail
-cd "$(dirname "$0")/.."
-out=${OUT:-/tmp/engine-out}
-mkdir -p "$out"
-export PYTHONUNBUFFERED=1
-ns=$(mktemp -d)
-mkdir -p "$ns/codetr_stream"
-for d in compile plugin daemon; do ln -s "$PWD/$d" "$ns/codetr_stream/$d"; done
-export PYTHONPATH="$ns${PYTHONPATH:+:$PYTHONPATH}"
+# shellcheck source=bench/device_env.sh
+source "$(dirname "$0")/device_env.sh"
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"

@@ -3,15 +3,8 @@
 # benchmark. Logs, results.json and the RESULTS.md section land in $OUT.
 #   bash bench/device_msda.sh
 set -uo pipefail
-cd "$(dirname "$0")/.."
-out=${OUT:-/tmp/msda-out}
-mkdir -p "$out"
-export PYTHONUNBUFFERED=1
-# codetr_stream is a namespace over the top-level folders: link them instead of a pip install.
-ns=$(mktemp -d)
-mkdir -p "$ns/codetr_stream"
-for d in compile plugin daemon; do ln -s "$PWD/$d" "$ns/codetr_stream/$d"; done
-export PYTHONPATH="$ns${PYTHONPATH:+:$PYTHONPATH}"
+# shellcheck source=bench/device_env.sh
+source "$(dirname "$0")/device_env.sh"
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"

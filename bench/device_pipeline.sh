@@ -9,16 +9,11 @@
 # built here as an Inductor FP16 engine for batch 8 (~2 min cold), one daemon run per GIL switch
 # interval. Logs land in $OUT.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-out=${OUT:-/tmp/pipeline-out}
-mkdir -p "$out"
-export PYTHONUNBUFFERED=1
+# shellcheck source=bench/device_env.sh
+source "$(dirname "$0")/device_env.sh"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site "$2"/*.whl 2>&1 | tail -3
-ns=$(mktemp -d)
-mkdir -p "$ns/codetr_stream"
-for d in compile plugin daemon; do ln -s "$PWD/$d" "$ns/codetr_stream/$d"; done
-export PYTHONPATH="$ns:/tmp/site"
+export PYTHONPATH="$PYTHONPATH:/tmp/site"
 python3 -c "import av, zmq, pydantic, prometheus_client; print('av', av.__version__, 'zmq', zmq.__version__)" 2>&1 | tee "$out/env.txt"
 [ "$1" = install ] && exit 0
 {
