@@ -11,7 +11,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 from codetr_stream.daemon.health import HealthServer, Liveness, SnapshotStore
 from codetr_stream.daemon.metrics import Metrics
+from rtsp_server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -139,12 +139,6 @@ def test_entrypoint_builds_the_engine_on_first_start_then_serves(tmp_path: Path)
         daemon.communicate()
     assert (tmp_path / "engines" / "tiny" / "manifest.json").is_file()
     assert not (tmp_path / "engines" / "tiny.partial").exists()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def healthy(url: str) -> bool:

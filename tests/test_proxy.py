@@ -11,17 +11,12 @@ import time
 from collections import Counter
 
 import pytest
+from rtsp_server import free_port
 
 zmq = pytest.importorskip("zmq")
 from codetr_stream.daemon.publish import detection_topic, status_topic  # noqa: E402
 
 PER_WORKER = 2000
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture()

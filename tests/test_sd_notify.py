@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from codetr_stream.daemon import systemd
+from rtsp_server import free_port
 
 
 class Receiver:
@@ -196,12 +197,6 @@ def test_the_daemon_speaks_sd_notify_as_systemd_expects(tmp_path: Path) -> None:
         finally:
             daemon.kill()
             daemon.communicate()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def healthz_status(address: tuple[str, int]) -> int:
