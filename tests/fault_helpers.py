@@ -219,11 +219,11 @@ class Recorder:
         self._thread.join(timeout=5)
 
 
-def write_streams_yaml(path: Path, engine: Path, streams: dict[str, str | dict], *,
+def write_streams_yaml(path: Path, engine: Path, /, streams: dict[str, str | dict], *,
                        endpoint: str, health_port: int, **sections: dict) -> Path:
     """A streams.yaml with the fault knobs (RECONNECT), fast heartbeats and every detection;
     `streams` maps name -> url or -> {url, other stream keys}; `sections` override single keys,
-    e.g. publish={"sndhwm": 50}."""
+    e.g. publish={"sndhwm": 50} or engine={"gpus": [0, 1]} (hence `engine` is positional-only)."""
     config = {
         "engine": {"path": str(engine), "device": "cpu"},
         "batching": {"max_batch": 4, "max_wait_ms": 30},
@@ -244,7 +244,7 @@ class FaultDaemon:
     """The daemon in a thread on its own config file, with a Recorder on its publisher and its
     HTTP port known, so a test reads back everything it published and served."""
 
-    def __init__(self, tmp_path: Path, engine: Path, streams: dict[str, str | dict], *,
+    def __init__(self, tmp_path: Path, engine: Path, /, streams: dict[str, str | dict], *,
                  on_result=None, **sections: dict) -> None:
         self.endpoint = f"tcp://127.0.0.1:{free_port()}"
         self.health_port = free_port()
