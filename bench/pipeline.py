@@ -29,20 +29,25 @@ import time
 from collections import Counter, defaultdict
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+if TYPE_CHECKING:
+    from codetr_stream.compile.engines.base import Engine
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def start_cameras(size: str, fps: int) -> tuple[subprocess.Popen, int]:
-    """The replay RTSP server (every path is a camera); returns the process and its port."""
+def start_cameras(size: str, fps: int, seconds: float = 10.0) -> tuple[subprocess.Popen, int]:
+    """The replay RTSP server (every path is a camera, each looping the same `seconds` clip);
+    returns the process and its port."""
     sys.path.insert(0, str(ROOT / "tests"))
     import rtsp_replay
 
     try:
-        return rtsp_replay.start(size, fps)
+        return rtsp_replay.start(size, fps, seconds)
     except RuntimeError as exc:
         sys.exit(f"bench: {exc}")
 
@@ -66,6 +71,20 @@ def build_full_engine(out: Path, backend: str, precision: str, batch_sizes: list
           f"{time.perf_counter() - started:.0f} s", flush=True)
     del model
     return engine
+
+
+def write_cameras_config(path: Path, engine_dir: Path, names: list[str], port: int,
+                         args: argparse.Namespace, endpoint: str = "tcp://127.0.0.1:0") -> Path:
+    """streams.yaml for the bench: every camera of the replay server on `port`, the engine on
+    the GPU (its first, `gpus: [0]`) when there is one, `args.max_batch` / `args.max_wait_ms`."""
+    path.write_text(
+        f"engine: {{path: {engine_dir}, device: auto}}\n"
+        f"batching: {{max_batch: {args.max_batch}, max_wait_ms: {args.max_wait_ms}}}\n"
+        f'publish: {{endpoint: "{endpoint}"}}\nhealth: {{port: 0}}\n'
+        "snapshot: {enabled: false}\nstreams:\n"
+        + "".join(f'  - {{name: {n}, url: "rtsp://127.0.0.1:{port}/{n}", min_score: 0.3}}\n'
+                  for n in names))
+    return path
 
 
 def engine_throughput(engine, batch: int, iters: int) -> float:
@@ -93,22 +112,27 @@ def engine_throughput(engine, batch: int, iters: int) -> float:
 
 
 class GpuSampler(threading.Thread):
-    """GPU utilisation from nvidia-smi every 0.5 s (empty on machines without it)."""
+    """Utilisation (%) and memory used (MiB) of every GPU, by nvidia-smi index, every 0.5 s
+    (empty on machines without nvidia-smi)."""
 
     def __init__(self) -> None:
         super().__init__(daemon=True)
-        self.samples: list[float] = []
+        self.util: dict[int, list[float]] = defaultdict(list)
+        self.memory: dict[int, list[float]] = defaultdict(list)
         self.stop = threading.Event()
 
     def run(self) -> None:
         if shutil.which("nvidia-smi") is None:
             return
         while not self.stop.wait(0.5):
-            out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu",
-                                  "--format=csv,noheader,nounits", "-i", "0"],
-                                 capture_output=True, text=True, check=False).stdout.strip()
-            if out.isdigit():
-                self.samples.append(float(out))
+            out = subprocess.run(["nvidia-smi", "--query-gpu=index,utilization.gpu,memory.used",
+                                  "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, check=False).stdout
+            for line in out.splitlines():
+                fields = [v.strip() for v in line.split(",")]
+                if len(fields) == 3 and all(v.isdigit() for v in fields):
+                    self.util[int(fields[0])].append(float(fields[1]))
+                    self.memory[int(fields[0])].append(float(fields[2]))
 
 
 def check_numerics(engine, frame, result, stream_cfg) -> float:
@@ -206,14 +230,16 @@ def daemon_run(config, names: list[str], args: argparse.Namespace, engine,
         "engine per batch p50 ms": f"{percentile(infer, 50):.1f}",
         "full batches / all batches": f"{sum(n == args.max_batch for n in batch_n.values())}"
                                       f" / {len(batch_n)}",
-        "GPU utilisation mean": (f"{np.mean(sampler.samples):.0f}%" if sampler.samples
+        "GPU utilisation mean": (f"{np.mean(sampler.util[0]):.0f}%" if sampler.util[0]
                                  else "n/a"),
         "_throughput": f"{sum(fps)}",
     }
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_bench_args(parser: argparse.ArgumentParser, *, cameras: int, fps: int, seconds: float,
+                   warmup: float) -> None:
+    """The engine (--engine, or --build-full), camera and batching options of the benches that
+    run the daemon on replayed cameras (this one and bench/scaleout.py)."""
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--engine", type=Path, help="engine directory")
     source.add_argument("--build-full", choices=("fp16", "fp32"),
@@ -221,31 +247,40 @@ def main() -> int:
     parser.add_argument("--backend", default="eager", choices=("eager", "inductor"),
                         help="backend of --build-full")
     parser.add_argument("--batch-sizes", default="1,2,4,8", help="batch sizes of --build-full")
-    parser.add_argument("--cameras", type=int, default=16)
-    parser.add_argument("--fps", type=int, default=5)
+    parser.add_argument("--cameras", type=int, default=cameras)
+    parser.add_argument("--fps", type=int, default=fps)
     parser.add_argument("--size", default="1280x720", help="camera resolution WxH")
-    parser.add_argument("--seconds", type=float, default=30.0, help="measured window")
-    parser.add_argument("--warmup", type=float, default=8.0, help="seconds before measuring")
+    parser.add_argument("--seconds", type=float, default=seconds, help="measured window")
+    parser.add_argument("--warmup", type=float, default=warmup, help="seconds before measuring")
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--max-wait-ms", type=float, default=20.0)
+
+
+def open_engine(args: argparse.Namespace, tmp: Path, device: torch.device) -> tuple[Path, Engine]:
+    """(engine directory, engine on `device`): `--engine` loaded, or the full-size one built."""
+    from codetr_stream.compile.engines import load_engine
+
+    if args.engine:
+        return args.engine, load_engine(args.engine, device)
+    sizes = [int(b) for b in args.batch_sizes.split(",") if int(b) <= args.max_batch]
+    return tmp / "engine", build_full_engine(tmp / "engine", args.backend, args.build_full, sizes)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_bench_args(parser, cameras=16, fps=5, seconds=30.0, warmup=8.0)
     parser.add_argument("--switch-intervals", default="",
                         help="comma-separated GIL switch intervals (s), one daemon run each; "
                              "default: one run with the daemon's own setting")
     parser.add_argument("--out", type=Path, help="write the markdown section here")
     args = parser.parse_args()
 
-    from codetr_stream.compile.engines import load_engine
     from codetr_stream.daemon import service
     from codetr_stream.daemon.config import load_config
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.engine:
-        engine_dir, engine = args.engine, load_engine(args.engine, device)
-    else:
-        engine_dir = tmp / "engine"
-        sizes = [int(b) for b in args.batch_sizes.split(",") if int(b) <= args.max_batch]
-        engine = build_full_engine(engine_dir, args.backend, args.build_full, sizes)
+    engine_dir, engine = open_engine(args, tmp, device)
     largest = max(b for b in engine.manifest.batch_sizes if b <= args.max_batch)
     standalone = engine_throughput(engine, largest, iters=10 if device.type == "cuda" else 2)
     print(f"engine standalone: {standalone:.1f} frames/s at batch {largest}", flush=True)
@@ -253,13 +288,7 @@ def main() -> int:
     server, port = start_cameras(args.size, args.fps)
     names = [f"cam{i:02d}" for i in range(args.cameras)]
     config_path = tmp / "streams.yaml"
-    config_path.write_text(
-        f"engine: {{path: {engine_dir}, device: auto}}\n"
-        f"batching: {{max_batch: {args.max_batch}, max_wait_ms: {args.max_wait_ms}}}\n"
-        f'publish: {{endpoint: "tcp://127.0.0.1:0"}}\nhealth: {{port: 0}}\n'
-        "snapshot: {enabled: false}\nstreams:\n"
-        + "".join(f'  - {{name: {n}, url: "rtsp://127.0.0.1:{port}/{n}", min_score: 0.3}}\n'
-                  for n in names))
+    write_cameras_config(config_path, engine_dir, names, port, args)
     config = load_config(config_path)
     intervals = ([float(v) for v in args.switch_intervals.split(",")] if args.switch_intervals
                  else [service.SWITCH_INTERVAL_S])

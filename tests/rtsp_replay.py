@@ -194,10 +194,13 @@ class Session:
                     return
 
 
-def start(size: str = "320x240", fps: int = 5) -> tuple[subprocess.Popen, int]:
-    """This file as a server process on a free loopback port (every path is a camera)."""
+def start(size: str = "320x240", fps: int = 5,
+          seconds: float = 10.0) -> tuple[subprocess.Popen, int]:
+    """This file as a server process on a free loopback port (every path is a camera, each
+    looping the same `seconds` clip)."""
     proc = subprocess.Popen([sys.executable, __file__, "--port", "0", "--size", size,
-                             "--fps", str(fps)], stdout=subprocess.PIPE, text=True)
+                             "--fps", str(fps), "--seconds", str(seconds)],
+                            stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     if not line.startswith("READY"):
         proc.kill()

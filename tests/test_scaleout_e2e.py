@@ -29,29 +29,33 @@ PER_WORKER = 2
 CLI = [sys.executable, "-m", "codetr_stream.daemon.cli"]
 
 
-def camera_names() -> dict[int, list[str]]:
-    """Two cameras per worker, picked by the real hash so every worker has some."""
+def camera_names(replicas: int = REPLICAS, per_worker: int = PER_WORKER) -> dict[int, list[str]]:
+    """`per_worker` cameras for each worker, picked by the real hash so the load is even."""
     picked: dict[int, list[str]] = defaultdict(list)
-    for i in range(1000):
+    for i in range(1000 * replicas * per_worker):
         name = f"cam{i}"
-        worker = owner(name, REPLICAS)
-        if len(picked[worker]) < PER_WORKER:
+        worker = owner(name, replicas)
+        if len(picked[worker]) < per_worker:
             picked[worker].append(name)
-        if all(len(picked[w]) == PER_WORKER for w in range(REPLICAS)):
+        if all(len(picked[w]) == per_worker for w in range(replicas)):
             return dict(picked)
     raise AssertionError("the hash never filled every worker")
 
 
 class Worker:
-    """One worker process; all of them share the camera list, each has its own ports."""
+    """One worker process; all of them share the camera list, each has its own ports. `env`
+    adds to the environment (e.g. CUDA_VISIBLE_DEVICES to pin it to one GPU)."""
 
-    def __init__(self, index: int, config: Path, endpoint: str, log: Path) -> None:
+    def __init__(self, index: int, config: Path, endpoint: str, log: Path, *,
+                 replicas: int = REPLICAS, env: dict[str, str] | None = None) -> None:
         self.index, self.config, self.endpoint, self.log = index, config, endpoint, log
+        self.replicas, self.env = replicas, env or {}
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> Worker:
         env = {**os.environ, "OMP_NUM_THREADS": "1",  # three workers share two cores
-               "CODETR_SHARD_INDEX": str(self.index), "CODETR_SHARD_REPLICAS": str(REPLICAS)}
+               "CODETR_SHARD_INDEX": str(self.index),
+               "CODETR_SHARD_REPLICAS": str(self.replicas), **self.env}
         with self.log.open("a") as log:
             self.proc = subprocess.Popen([*CLI, "run", "--config", str(self.config)], env=env,
                                          stdout=log, stderr=subprocess.STDOUT)
