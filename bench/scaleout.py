@@ -208,8 +208,8 @@ def score_diff(a: list[float], b: list[float]) -> float:
 
 
 def numerics(setups: list[Setup], clip: int) -> dict[str, tuple[float, float]]:
-    """Per setup and GPU: the largest top-score difference to the reference's same clip frame,
-    and the smallest to its neighbouring clip frame (what a wrong frame would give)."""
+    """Per worker of each setup: the largest top-score difference to the reference's same clip
+    frame, and the smallest to its neighbouring clip frame (what a wrong frame would give)."""
     reference: dict[int, list[float]] = {}
     for m in setups[0].messages:
         reference.setdefault(m.index % clip, m.scores)
