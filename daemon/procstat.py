@@ -62,7 +62,9 @@ def gpu_device_used() -> int | None:
 
     Device-wide, so it also sees what torch's allocator cannot: the CUDA context, NVDEC
     surfaces, CUDA graph pools of other libraries, other processes. A decoder that leaks its
-    surfaces on every reconnect grows this number and no other.
+    surfaces on every reconnect grows this number and no other. It asks the driver
+    (cudaMemGetInfo): not while another thread captures a CUDA graph on the device (the daemon
+    captures only while loading its engines, before /metrics serves).
     """
     torch = sys.modules.get("torch")
     if torch is None or not torch.cuda.is_initialized():
