@@ -7,8 +7,10 @@
 #                    (starts building the full-size Co-DINO Swin-L 1152x768 Inductor FP16 batch-8
 #                    engine, seeded random weights, ~3 min cold, and returns)
 #   carry [".whl2"]  bash bench/device_pipeline.sh install .whl2 && bash bench/device_soak.sh start
-#                    (waits for the build, starts the soak, returns)
-#   then             bash bench/device_soak.sh wait 560   (repeat until it says "soak finished")
+#                    (waits up to 8 min for the build, starts the soak, returns; if it says the
+#                    build is still running, call `start` again)
+#   then             bash bench/device_soak.sh wait 560   (repeat until it says "soak finished";
+#                    the soak takes ~23 min: 2 engine loads, 1 min warm-up, 20 min measured)
 # `report` collects without waiting; `stop` ends the measurement now (SIGTERM: the soak still
 # stops the daemon and judges what it measured). `start` builds the engine itself if no `build`
 # ran. Arguments after `start` go to bench/soak.py (the last of a repeated option wins); `build
@@ -118,7 +120,7 @@ start() {  # [--tiny] [soak.py arguments]
   local kind=full
   [ "${1:-}" = --tiny ] && { kind=tiny; shift; }
   build "--$kind"
-  while running build && [ "$SECONDS" -lt 540 ]; do sleep 5; done
+  while running build && [ "$SECONDS" -lt 480 ]; do sleep 5; done
   if [ ! -f "$state/engine-$kind/manifest.json" ]; then
     echo "no engine: the build $(running build && echo "is still running" || echo failed)"
     collect
