@@ -7,14 +7,14 @@ run is the same number an operator graphs in production.
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-__all__ = ["ProcessSample", "ProcessSampler", "Trend", "gpu_memory", "sample_process", "trend"]
+__all__ = ["ProcessSample", "ProcessSampler", "Trend", "gpu_device_used", "gpu_memory",
+           "sample_process", "trend"]
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,7 @@ class ProcessSample:
     threads: int
     gpu_reserved_bytes: int | None  # torch's caching allocator, all devices
     gpu_allocated_bytes: int | None  # live tensors, all devices
+    gpu_used_bytes: int | None = None  # in use on those devices, by anything (gpu_device_used)
 
     def as_dict(self) -> dict[str, float | int | None]:
         return asdict(self)
@@ -56,6 +57,26 @@ def gpu_memory() -> dict[int, tuple[int, int]]:
     }
 
 
+def gpu_device_used() -> int | None:
+    """Bytes in use (total - free) on the GPUs where torch holds memory, or None without CUDA.
+
+    Device-wide, so it also sees what torch's allocator cannot: the CUDA context, NVDEC
+    surfaces, CUDA graph pools of other libraries, other processes. A decoder that leaks its
+    surfaces on every reconnect grows this number and no other. It asks the driver
+    (cudaMemGetInfo): not while another thread captures a CUDA graph on the device (the daemon
+    captures only while loading its engines, before /metrics serves).
+    """
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return None
+    used = 0
+    for device in range(torch.cuda.device_count()):
+        if torch.cuda.memory_reserved(device):  # only devices with a context: asking creates one
+            free, total = torch.cuda.mem_get_info(device)
+            used += total - free
+    return used or None
+
+
 def sample_process(pid: int | None = None) -> ProcessSample:
     """Read /proc for `pid` (this process by default; GPU fields only for this process)."""
     own = pid is None or pid == os.getpid()
@@ -69,6 +90,7 @@ def sample_process(pid: int | None = None) -> ProcessSample:
         threads=int(status["Threads"]),
         gpu_reserved_bytes=sum(r for r, _ in gpu.values()) if gpu else None,
         gpu_allocated_bytes=sum(a for _, a in gpu.values()) if gpu else None,
+        gpu_used_bytes=gpu_device_used() if own else None,
     )
 
 
@@ -103,17 +125,20 @@ class Trend:
     """Growth between the first and last window after warm-up."""
 
     rss_growth: float  # relative, 0.01 = 1 %
-    gpu_growth: float | None
+    gpu_growth: float | None  # torch's reserved memory
     fd_delta: int
     thread_delta: int
+    gpu_used_growth: float | None = None  # the devices' memory in use (gpu_device_used)
 
 
 def trend(samples: list[ProcessSample], warmup_s: float) -> Trend:
-    """Compare the first and last third of the samples taken after `warmup_s`.
+    """Compare the floors (minima) of the first and last third of the samples taken after
+    `warmup_s`.
 
-    Memory: medians, because one sample taken mid-batch is noise, not a leak. Fds and threads:
-    minima, because they rise while a camera reconnects and fall back; what a leak raises is
-    the floor. A third of a soak spans several churn cycles, so both floors see an outage.
+    What a leak raises is the floor; work in flight only adds peaks that fall back: a batch's
+    activations (on the CPU path most samples land mid-batch: medians moved 5 % in a 36 s CI
+    soak with no leak), a reconnect's socket and thread. A third of a soak spans several churn
+    cycles, so both floors see an outage.
     """
     start = samples[0].time_s + warmup_s
     steady = [s for s in samples if s.time_s >= start]
@@ -126,16 +151,17 @@ def trend(samples: list[ProcessSample], warmup_s: float) -> Trend:
     head, tail = steady[:window], steady[-window:]
 
     def growth(field: str) -> float:
-        first = statistics.median(getattr(s, field) for s in head)
-        return statistics.median(getattr(s, field) for s in tail) / first - 1.0
+        return min(getattr(s, field) for s in tail) / min(getattr(s, field) for s in head) - 1.0
 
     def floor_delta(field: str) -> int:
         return min(getattr(s, field) for s in tail) - min(getattr(s, field) for s in head)
 
     has_gpu = all(s.gpu_reserved_bytes for s in head + tail)
+    has_used = all(s.gpu_used_bytes for s in head + tail)
     return Trend(
         rss_growth=growth("rss_bytes"),
         gpu_growth=growth("gpu_reserved_bytes") if has_gpu else None,
         fd_delta=floor_delta("open_fds"),
         thread_delta=floor_delta("threads"),
+        gpu_used_growth=growth("gpu_used_bytes") if has_used else None,
     )

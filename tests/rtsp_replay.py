@@ -4,9 +4,9 @@ GStreamer (the GPU machine has neither GStreamer nor an ffmpeg binary, only pip 
 It speaks enough RTSP for FFmpeg's client over TCP (OPTIONS, DESCRIBE, SETUP with interleaved
 RTP, PLAY, GET_PARAMETER, TEARDOWN) and sends RTP (RFC 6184, single NAL units and FU-A) paced
 in real time, every camera path its own independent session. The clip is encoded once at start
-with PyAV's libx264. Run it as a process: `python tests/rtsp_replay.py --port P --size 1280x720`;
-every path (rtsp://127.0.0.1:P/anything) serves the same clip. Prints `READY <port>` when
-listening.
+with PyAV's libx264. Run it as a process: `python tests/rtsp_replay.py --port P --size 1280x720`
+(or `ReplayServer` / `start()` from Python); every path (rtsp://127.0.0.1:P/anything) serves the
+same clip. Prints `READY <port>` when listening.
 """
 
 from __future__ import annotations
@@ -194,18 +194,48 @@ class Session:
                     return
 
 
+class ReplayServer:
+    """This file as a server process, from the caller's side, with the surface of
+    tests/rtsp_server.RtspServer (`start`, `stop`, `url`): after the first start (port 0 picks a
+    free one) the port stays, so a stopped camera comes back at the same URL."""
+
+    def __init__(self, size: str = "320x240", fps: int = 5, port: int = 0,
+                 seconds: float = 10.0) -> None:
+        self.size, self.fps, self.port, self.seconds = size, fps, port, seconds
+        self.proc: subprocess.Popen | None = None
+
+    def url(self, name: str) -> str:
+        return f"rtsp://127.0.0.1:{self.port}/{name}"
+
+    def start(self) -> ReplayServer:
+        proc = subprocess.Popen([sys.executable, __file__, "--port", str(self.port), "--size",
+                                 self.size, "--fps", str(self.fps), "--seconds", str(self.seconds)],
+                                stdout=subprocess.PIPE, text=True)
+        line = proc.stdout.readline()
+        if not line.startswith("READY"):
+            proc.kill()
+            proc.wait()
+            proc.stdout.close()
+            raise RuntimeError(f"the replay RTSP server did not start on port {self.port}: "
+                               f"{line!r}")
+        self.proc, self.port = proc, int(line.split()[1])
+        return self
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.proc.kill()
+        self.proc.wait()
+        self.proc.stdout.close()
+        self.proc = None
+
+
 def start(size: str = "320x240", fps: int = 5,
           seconds: float = 10.0) -> tuple[subprocess.Popen, int]:
     """This file as a server process on a free loopback port (every path is a camera, each
     looping the same `seconds` clip)."""
-    proc = subprocess.Popen([sys.executable, __file__, "--port", "0", "--size", size,
-                             "--fps", str(fps), "--seconds", str(seconds)],
-                            stdout=subprocess.PIPE, text=True)
-    line = proc.stdout.readline()
-    if not line.startswith("READY"):
-        proc.kill()
-        raise RuntimeError(f"the replay RTSP server did not start: {line!r}")
-    return proc, int(line.split()[1])
+    server = ReplayServer(size, fps, seconds=seconds).start()
+    return server.proc, server.port
 
 
 def main() -> None:

@@ -75,3 +75,11 @@ def test_trend_ignores_fds_and_threads_of_a_reconnect_in_progress() -> None:
 def test_trend_needs_enough_samples() -> None:
     with pytest.raises(ValueError, match="run longer"):
         trend([fake(t, 1000) for t in range(8)], warmup_s=0)
+
+
+def test_trend_sees_device_memory_that_torch_does_not() -> None:
+    # torch's allocator flat, the device's memory in use creeping (decoder surfaces, say).
+    samples = [ProcessSample(t, 1000, 10, 4, 500, 400, 2000 + 10 * t) for t in range(60)]
+    result = trend(samples, warmup_s=5)
+    assert result.gpu_growth == 0
+    assert result.gpu_used_growth is not None and result.gpu_used_growth > 0.1
