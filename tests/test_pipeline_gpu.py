@@ -58,8 +58,9 @@ def test_daemon_on_gpu_publishes_every_camera(tmp_path) -> None:
 
 @pytest.mark.gpu
 def test_batched_preprocessing_equals_the_reference_on_nv12_frames() -> None:
-    """On the GPU too, a batch processed by size writes exactly what the per-frame reference
-    writes, with rows of one size in any order."""
+    """On the GPU too, the torch-op path (a batch processed by size) writes exactly what the
+    per-frame reference writes, with rows of one size in any order. (The fused kernel is held to
+    this path in tests/test_preprocess.py.)"""
     device = torch.device("cuda")
     hw = (768, 1152)
     gen = torch.Generator(device).manual_seed(0)
@@ -69,7 +70,7 @@ def test_batched_preprocessing_equals_the_reference_on_nv12_frames() -> None:
                                generator=gen)
         return Frame(name, 0, None, 0, pixels, "nv12", h, w)
 
-    preprocessor = Preprocessor(hw, device)
+    preprocessor = Preprocessor(hw, device, fused=False)
     images = torch.empty((8, 3, *hw), device=device)
     masks = torch.ones((8, *hw), dtype=torch.bool, device=device)
     for layout in [(720, 720, 480, 720), (480, 720), (720,) * 8]:
