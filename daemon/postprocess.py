@@ -7,8 +7,9 @@ with IoU 0.8 over the score-thresholded top-K, as the reference inferencer does 
 `finish` runs on the host: the ROI filter, rounding, and `Detection` objects.
 
 `select_batch` does the first step for a whole batch where the engine's outputs are: on CUDA one
-Triton kernel (`postprocess_kernel`, tested equal to `select`) and one read-back per batch of the
-kept rows only; elsewhere `select` per frame. `postprocess` (one frame, both steps) is the
+Triton kernel (`postprocess_kernel`, tested equal to `select`) packing each frame's row count and
+kept rows into one fixed-size buffer (6 floats per top-K slot: the size of the raw outputs), read
+back once per batch; elsewhere `select` per frame. `postprocess` (one frame, both steps) is the
 reference. `select` uses torchvision's NMS kernel when it imports (the GPU machine has it),
 otherwise a pure-torch version, so the daemon does not depend on torchvision; tests check both
 agree where torchvision is installed.
