@@ -184,8 +184,8 @@ def select_batch(
     if fused:
         params = torch.from_numpy(_frame_params(keeps, scales, frame_sizes, num_classes,
                                                 scores.dtype))
-        if scores.is_cuda:  # ordered on the current stream, no host sync
-            params = params.pin_memory().to(scores.device, non_blocking=True)
+        # From pageable memory: staged before the call returns, ordered on the current stream.
+        params = params.to(scores.device, non_blocking=True)
         return postprocess_kernel.launch(boxes[:n], scores[:n], labels[:n], params,
                                          iou_threshold)
     packed = scores.new_zeros((n, 1 + 6 * k), dtype=torch.float32)
@@ -197,14 +197,22 @@ def select_batch(
     return packed
 
 
+_NUMPY_DTYPES = {torch.float16: np.float16, torch.float32: np.float32}
+
+
 def _frame_params(keeps: Sequence[FrameFilter], scales: Sequence[tuple[float, float]],
                   frame_sizes: Sequence[tuple[int, int]], num_classes: int,
                   score_dtype: torch.dtype) -> np.ndarray:
     """`postprocess_kernel.PARAMS` per frame, then the class allow-list as 0/1 columns."""
     columns = len(postprocess_kernel.PARAMS)
     params = np.zeros((len(keeps), columns + num_classes), dtype=np.float32)
-    # `select` compares scores with the threshold in the scores' dtype: round it the same way.
-    thresholds = torch.tensor([k.min_score for k in keeps], dtype=score_dtype).float().numpy()
+    # `select` compares scores with the threshold in the scores' dtype: round it the same way
+    # (in numpy where it has the dtype: no torch call, no GIL hand-off).
+    minimums = [k.min_score for k in keeps]
+    if score_dtype in _NUMPY_DTYPES:
+        thresholds = np.array(minimums, dtype=_NUMPY_DTYPES[score_dtype]).astype(np.float32)
+    else:
+        thresholds = torch.tensor(minimums, dtype=score_dtype).float().numpy()
     for i, (keep, (sx, sy), (width, height)) in enumerate(
             zip(keeps, scales, frame_sizes, strict=True)):
         params[i, :columns] = (thresholds[i], sx, sy, width, height, keep.class_ids is not None)

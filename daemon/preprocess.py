@@ -136,11 +136,14 @@ class Preprocessor:
     def _fused(self, frames: Sequence[Frame], plans: list, images: torch.Tensor,
                masks: torch.Tensor, rows: int) -> None:
         # Frames decoded elsewhere are copied over on this stream, which orders any reuse of
-        # the copy's memory after the kernel.
-        pixels = [frame.pixels.to(self.device) for frame in frames]
+        # the copy's memory after the kernel. (Every torch call hands the GIL over, even a
+        # no-op `.to`: the batch makes two, the table's upload and the launch.)
+        pixels = [frame.pixels if frame.pixels.device == self.device
+                  else frame.pixels.to(self.device) for frame in frames]
         table = torch.from_numpy(preprocess_kernel.row_table(frames, pixels, plans, rows))
-        if self.device.type == "cuda":  # ordered on the current stream, no host sync
-            table = table.pin_memory().to(self.device, non_blocking=True)
+        # From pageable memory: staged before the call returns, ordered on the current stream,
+        # no wait for the GPU.
+        table = table.to(self.device, non_blocking=True)
         preprocess_kernel.launch(table, self._lut, images, masks, MEAN_RGB, STD_RGB)
 
     def _torch_ops(self, frames: Sequence[Frame], images: torch.Tensor, masks: torch.Tensor,
