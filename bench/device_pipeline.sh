@@ -4,10 +4,11 @@
 # call's 64 MiB together with the repo.
 #   call 1: carry [".whl"]   bash bench/device_pipeline.sh install .whl
 #   call 2: carry [".whl2"]  bash bench/device_pipeline.sh run .whl2
-# `run` installs its wheels too, then the GPU tests (NVDEC, daemon on CUDA, graphed
-# preprocessing) and the pipeline bench: 16 cameras against the full-size Co-DINO Swin-L 1152x768
-# built here as an Inductor FP16 engine for batch 8 (~2 min cold), one daemon run per GIL switch
-# interval. Logs land in $OUT.
+# `run` installs its wheels too, then the GPU tests (NVDEC, daemon on CUDA, the fused
+# preprocessing and postprocessing kernels against their references, the runner's GPU
+# postprocessing) and the pipeline bench: 16 cameras against the full-size Co-DINO Swin-L
+# 1152x768 built here as an Inductor FP16 engine for batch 8 (~2 min cold), one daemon run per
+# GIL switch interval. Logs land in $OUT; the whole `run` fits one 600 s call.
 set -uo pipefail
 # shellcheck source=bench/device_env.sh
 source "$(dirname "$0")/device_env.sh"
@@ -20,10 +21,11 @@ python3 -c "import av, zmq, pydantic, prometheus_client; print('av', av.__versio
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   python3 -c "import torch, PyNvVideoCodec as n; print('torch', torch.__version__, 'pynvvideocodec', n.__version__)"
 } 2>&1 | tee -a "$out/env.txt"
-timeout 120 python3 -m pytest -p no:cacheprovider -m gpu -q -rA \
-  tests/test_source_gpu.py tests/test_pipeline_gpu.py 2>&1 | tee "$out/pytest.log"
+timeout 150 python3 -m pytest -p no:cacheprovider -m gpu -q -rA --durations=10 \
+  tests/test_source_gpu.py tests/test_pipeline_gpu.py tests/test_preprocess.py \
+  tests/test_postprocess.py 2>&1 | tee "$out/pytest.log"
 tests=${PIPESTATUS[0]}
-timeout 440 python3 bench/pipeline.py --build-full fp16 --backend inductor --batch-sizes 8 \
+timeout 420 python3 bench/pipeline.py --build-full fp16 --backend inductor --batch-sizes 8 \
   --cameras 16 --fps 5 --seconds 12 --warmup 4 --switch-intervals 0.005,0.001 \
   --out "$out/pipeline.md" 2>&1 | grep -v " INFO " | tee "$out/bench.log"
 bench=${PIPESTATUS[0]}

@@ -1,7 +1,9 @@
 """Pipeline bench: N simulated cameras from a real RTSP server through the whole daemon.
 
 Reports per-stream fps, capture-to-publish latency p50/p99, the time each frame spends outside
-the engine (preprocess + postprocess + publish; decode and the wait for a batch excluded), GPU
+the engine (decode and the wait for a batch excluded) two ways: as latency (the whole batch's
+preprocessing, the batch's postprocessing on the device with its read-back, and the frame's own
+postprocessing on the host) and as cost (the batch's preprocessing shared by its frames), GPU
 utilisation, and the ratio of the daemon's throughput to the engine's standalone throughput at
 its largest batch (measured first, in the same process, CUDA events on a GPU).
 
@@ -111,6 +113,88 @@ def engine_throughput(engine, batch: int, iters: int) -> float:
     return batch * iters / seconds
 
 
+def wall_ms(fn, iters: int) -> float:
+    """Median wall time of `fn()` (host launches included), the GPU synchronised around each."""
+    times = []
+    for _ in range(iters + 3):  # the first calls compile and allocate
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times[3:]))
+
+
+def stage_comparison(engine, batch: int, size: str, iters: int = 30) -> dict[str, str]:
+    """One batch of camera-sized NV12 frames through the daemon's preprocessing and
+    postprocessing, the fused kernels side by side with the torch ops they replaced (torch-op
+    preprocessing; raw read-back and `postprocess` per frame on the host). Numerics first; then
+    wall time per batch on an idle host (the daemon runs below add the camera threads)."""
+    from codetr_stream.compile.preprocess import STD_RGB
+    from codetr_stream.daemon.config import StreamConfig
+    from codetr_stream.daemon.frames import Frame
+    from codetr_stream.daemon.postprocess import (
+        FrameFilter,
+        finish,
+        postprocess,
+        select_batch,
+        unpack,
+    )
+    from codetr_stream.daemon.preprocess import Preprocessor
+
+    device, hw = engine.device, tuple(engine.manifest.input_hw)
+    names = list(engine.manifest.class_names)
+    width, height = (int(v) for v in size.split("x"))
+    gen = torch.Generator(device).manual_seed(0)
+    frames = [Frame(f"cam{i}", 0, None, 0, torch.randint(
+        0, 256, (height * 3 // 2, width), dtype=torch.uint8, device=device, generator=gen),
+        "nv12", height, width) for i in range(batch)]
+    buffers, preprocess = {}, {}
+    for fused in (True, False):
+        buffers[fused] = (torch.zeros((batch, 3, *hw), device=device),
+                          torch.zeros((batch, *hw), dtype=torch.bool, device=device))
+        preprocess[fused] = Preprocessor(hw, device, fused=fused)
+        scales = preprocess[fused](frames, *buffers[fused])
+    std = torch.tensor(STD_RGB, device=device)[:, None, None]
+    grey = ((buffers[True][0] - buffers[False][0]) * std).abs().round()
+    pre_ms = {fused: wall_ms(lambda f=fused: preprocess[f](frames, *buffers[f]), iters)
+              for fused in (True, False)}
+
+    boxes, scores, labels = engine.infer(*buffers[True])
+    stream_cfg = StreamConfig(name="cam0", url="rtsp://127.0.0.1/cam0", min_score=0.3)
+    keeps = [FrameFilter.of(stream_cfg, tuple(names))] * batch
+    frame_size = (width, height)
+
+    def post_fused() -> list:
+        packed = select_batch(boxes, scores, labels, keeps, scales=scales,
+                              frame_sizes=[frame_size] * batch, num_classes=len(names))
+        return [finish(rows, frame_size=frame_size, roi=None, class_names=names)
+                for rows in unpack(packed.cpu().numpy())]
+
+    def post_torch() -> list:
+        k = scores.shape[1]
+        packed = torch.cat([boxes.float().flatten(1), scores.float(), labels.float()],
+                           dim=1).cpu()
+        return [postprocess(packed[i, :4 * k].view(k, 4), packed[i, 4 * k:5 * k],
+                            packed[i, 5 * k:].long(), scale=scales[i], frame_size=frame_size,
+                            stream_cfg=stream_cfg, class_names=names) for i in range(batch)]
+
+    same = post_fused() == post_torch()
+    post_ms = {fused: wall_ms(fn, iters) for fused, fn in ((True, post_fused),
+                                                            (False, post_torch))}
+    what = f"batch of {batch} NV12 {size}"
+    return {
+        f"preprocess, {what}: fused vs torch ops, grey levels off (max, share)":
+            f"{grey.max().item():.0f}, {(grey > 0).float().mean().item():.1e}",
+        f"preprocess, {what}, wall ms (idle host): fused / torch ops":
+            f"{pre_ms[True]:.2f} / {pre_ms[False]:.2f}",
+        f"postprocess, {what} (min_score 0.3): batched on the device = per frame on the host":
+            f"{same} ({sum(len(d) for d in post_fused())} detections)",
+        f"postprocess, {what}, wall ms (idle host): device batch + host finish / "
+        "read-back + per-frame host": f"{post_ms[True]:.2f} / {post_ms[False]:.2f}",
+    }
+
+
 class GpuSampler(threading.Thread):
     """Utilisation (%) and memory used (MiB) of every GPU, by nvidia-smi index, every 0.5 s
     (empty on machines without nvidia-smi)."""
@@ -207,6 +291,8 @@ def daemon_run(config, names: list[str], args: argparse.Namespace, engine,
     outside = [r[2]["preprocess"] + r[2]["postprocess"] for r in window]
     pre = [r[2]["preprocess"] for r in window]
     # Frames of one batch share its stage times exactly: count them to split the batch's cost.
+    # (The batch's device postprocessing, inside each frame's "postprocess", is not split: an
+    # upper bound.)
     batch_n = Counter((r[2]["preprocess"], r[2]["infer"]) for r in window)
     share = [r[2]["preprocess"] / batch_n[r[2]["preprocess"], r[2]["infer"]]
              + r[2]["postprocess"] for r in window]
@@ -218,13 +304,13 @@ def daemon_run(config, names: list[str], args: argparse.Namespace, engine,
         "daemon throughput": f"{sum(fps):.1f} frames/s",
         "per-stream fps min / mean": f"{min(fps):.2f} / {np.mean(fps):.2f}",
         "capture->publish p50 / p99 ms": f"{percentile(e2e, 50):.1f} / {percentile(e2e, 99):.1f}",
-        "outside engine per frame, latency (batch pre + own post) p50 / p99 ms":
-            f"{percentile(outside, 50):.2f} / {percentile(outside, 99):.2f}",
+        "outside engine per frame, latency (batch pre + batch device post + own host post) "
+        "p50 / p99 ms": f"{percentile(outside, 50):.2f} / {percentile(outside, 99):.2f}",
         "outside engine per frame, cost (batch pre / batch size + post) p50 / p99 ms":
             f"{percentile(share, 50):.2f} / {percentile(share, 99):.2f}",
-        "  of which preprocess (per batch, GPU) p50 / p99 ms":
+        "  of which preprocess (per batch, device) p50 / p99 ms":
             f"{percentile(pre, 50):.2f} / {percentile(pre, 99):.2f}",
-        "  of which postprocess (per frame, CPU) p50 / p99 ms":
+        "  of which postprocess (batch on the device + own on the host) p50 / p99 ms":
             f"{percentile(post, 50):.2f} / {percentile(post, 99):.2f}",
         "queue wait p50 / p99 ms": f"{percentile(queue, 50):.1f} / {percentile(queue, 99):.1f}",
         "engine per batch p50 ms": f"{percentile(infer, 50):.1f}",
@@ -284,6 +370,9 @@ def main() -> int:
     largest = max(b for b in engine.manifest.batch_sizes if b <= args.max_batch)
     standalone = engine_throughput(engine, largest, iters=10 if device.type == "cuda" else 2)
     print(f"engine standalone: {standalone:.1f} frames/s at batch {largest}", flush=True)
+    stages = stage_comparison(engine, largest, args.size) if device.type == "cuda" else {}
+    for key, value in stages.items():
+        print(f"{key}: {value}", flush=True)
 
     server, port = start_cameras(args.size, args.fps)
     names = [f"cam{i:02d}" for i in range(args.cameras)]
@@ -316,6 +405,7 @@ def main() -> int:
                   f"random weights: {engine.manifest.random_weights})",
         "cameras": f"{args.cameras} x {args.size} @ {args.fps} fps = {offered} frames/s offered",
         "engine standalone": f"{standalone:.1f} frames/s (batch {largest})",
+        **stages,
     }
     command = "python bench/pipeline.py " + " ".join(sys.argv[1:])
     columns = list(runs)

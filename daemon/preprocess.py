@@ -1,14 +1,16 @@
 """Frames -> the engine's input buffer, on the engine's device, one batch at a time.
 
 The resize/pad/normalise is the model's reference preprocessing (`codetr_stream.compile.
-preprocess`), run as the same tensor ops on the device that holds the engine, so the result is
-bit-for-bit the reference's. An NVDEC frame is NV12 in GPU memory and is converted on the GPU (no
-host copy of pixels); a CPU-decoded frame is already RGB in host memory.
+preprocess`). An NVDEC frame is NV12 in GPU memory and is converted on the GPU (no host copy of
+pixels); a CPU-decoded frame is already RGB in host memory.
 
-Frames of one size are processed together: one set of kernels per batch and size instead of per
-frame. Launches matter more than GPU time here: every one hands the GIL to the camera threads, and
-getting it back can take a whole switch interval. (A CUDA graph per batch layout would cut them to
-two, but capturing one while the camera threads run NVDEC was invalidated on the GPU machine.)
+Two implementations behind one `Preprocessor`:
+- on CUDA, one Triton kernel for the whole batch (`preprocess_kernel`), with one small upload of
+  the rows' geometry. Launches matter more than GPU time here: every one hands the GIL to the
+  camera threads, and getting it back can take a whole switch interval. (A CUDA graph per batch
+  layout was tried first: capturing one while the camera threads run NVDEC was invalidated.)
+- elsewhere (the CPU daemon), and as the reference the kernel is tested against, the reference's
+  own tensor ops, bit-for-bit: frames of one size are processed together, one set of ops per size.
 """
 
 from __future__ import annotations
@@ -20,6 +22,11 @@ import torch
 import torch.nn.functional as F
 from codetr_stream.compile.preprocess import MEAN_RGB, STD_RGB, plan_resize
 from codetr_stream.daemon.frames import Frame
+
+try:
+    from codetr_stream.daemon import preprocess_kernel
+except ImportError:  # no triton: the torch ops everywhere
+    preprocess_kernel = None
 
 
 def _nv12_to_rgb_float(nv12: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -81,37 +88,75 @@ class _SizeGroup:
 
 
 class Preprocessor:
-    """Writes frames into rows of an (N, 3, H, W) float32 image buffer and its (N, H, W) mask."""
+    """Writes frames into rows of an (N, 3, H, W) float32 image buffer and its (N, H, W) mask.
 
-    def __init__(self, input_hw: tuple[int, int], device: torch.device) -> None:
+    `fused`: the Triton kernel (default: on CUDA when triton imports) or the torch ops.
+    """
+
+    def __init__(self, input_hw: tuple[int, int], device: torch.device,
+                 fused: bool | None = None) -> None:
         self.input_hw = input_hw
         self.device = device
+        if fused is None:
+            fused = device.type == "cuda" and preprocess_kernel is not None
+        if fused and preprocess_kernel is None:
+            raise RuntimeError("the fused preprocessing needs triton (pip install triton)")
+        self.fused = fused
         self.mean = torch.tensor(MEAN_RGB, device=device)[:, None, None]
         self.std = torch.tensor(STD_RGB, device=device)[:, None, None]
+        self._lut = preprocess_kernel.conversion_table(device) if fused else None
         self._groups: dict[tuple[str, int, int], _SizeGroup] = {}
 
-    def __call__(self, frames: Sequence[Frame], images: torch.Tensor,
-                 masks: torch.Tensor) -> list[tuple[float, float]]:
-        """Fill rows 0..len(frames)-1; returns each frame's (sx, sy): input px = frame px * s.
+    def __call__(self, frames: Sequence[Frame], images: torch.Tensor, masks: torch.Tensor,
+                 rows: int | None = None) -> list[tuple[float, float]]:
+        """Fill rows 0..len(frames)-1, and zero rows len(frames)..rows-1 (padding: zero images,
+        all-valid masks); returns each frame's (sx, sy): input px = frame px * s.
 
         Portrait frames are letterboxed into the (landscape) engine size rather than refused:
         a camera mounted sideways still gets detections. The masks stay all valid, as in the
         reference pipeline.
         """
+        rows = len(frames) if rows is None else rows
+        if rows < len(frames):
+            raise ValueError(f"{len(frames)} frames do not fit in {rows} rows")
+        plans = [self._group(frame).plan for frame in frames]
+        if self.fused:
+            self._fused(frames, plans, images, masks, rows)
+        else:
+            self._torch_ops(frames, images, masks, rows)
+        return [plan.scale_xy for plan in plans]
+
+    def _group(self, frame: Frame) -> _SizeGroup:
+        key = (frame.pixel_format, frame.height, frame.width)
+        group = self._groups.get(key)
+        if group is None:
+            group = self._groups[key] = _SizeGroup(*key, self.input_hw, self.mean, self.std)
+        return group
+
+    def _fused(self, frames: Sequence[Frame], plans: list, images: torch.Tensor,
+               masks: torch.Tensor, rows: int) -> None:
+        # Frames decoded elsewhere are copied over on this stream, which orders any reuse of
+        # the copy's memory after the kernel. (Every torch call hands the GIL over, even a
+        # no-op `.to`: the batch makes two, the table's upload and the launch.)
+        pixels = [frame.pixels if frame.pixels.device == self.device
+                  else frame.pixels.to(self.device) for frame in frames]
+        table = torch.from_numpy(preprocess_kernel.row_table(frames, pixels, plans, rows))
+        # From pageable memory: staged before the call returns, ordered on the current stream,
+        # no wait for the GPU.
+        table = table.to(self.device, non_blocking=True)
+        preprocess_kernel.launch(table, self._lut, images, masks, MEAN_RGB, STD_RGB)
+
+    def _torch_ops(self, frames: Sequence[Frame], images: torch.Tensor, masks: torch.Tensor,
+                   rows: int) -> None:
         by_size: dict[tuple[str, int, int], list[int]] = defaultdict(list)
         for i, frame in enumerate(frames):
             by_size[frame.pixel_format, frame.height, frame.width].append(i)
-        scales: list[tuple[float, float]] = [(1.0, 1.0)] * len(frames)
-        for key, rows in by_size.items():
-            group = self._groups.get(key)
-            if group is None:
-                group = self._groups[key] = _SizeGroup(*key, self.input_hw, self.mean, self.std)
-            pixels = torch.stack([frames[i].pixels.to(self.device) for i in rows])
-            group(pixels, images, _rows(rows, images.device))
-            for i in rows:
-                scales[i] = group.plan.scale_xy
-        masks[:len(frames)].zero_()
-        return scales
+        for key, indexes in by_size.items():
+            pixels = torch.stack([frames[i].pixels.to(self.device) for i in indexes])
+            self._groups[key](pixels, images, _rows(indexes, images.device))
+        masks[:rows].zero_()
+        if rows > len(frames):
+            images[len(frames):rows].zero_()
 
 
 def _rows(rows: list[int], device: torch.device) -> Rows:

@@ -2,12 +2,15 @@
 
 Input buffers are allocated once, at the largest batch size, and preprocessing writes into them;
 each batch runs at the smallest compiled batch size that holds it (padding rows stay zero with an
-all-valid mask, the engine's own convention). Outputs are a few KB per batch and come back to the
-host in one transfer, after which the batch's device work is finished by construction.
+all-valid mask, the engine's own convention). Given each frame's `FrameFilter`, the batch's
+threshold, class filter, NMS and scaling to frame pixels run where the engine's outputs are
+(`postprocess.select_batch`); without, the raw outputs are returned. Either way they come back to
+the host in one transfer of a few tens of KB, after which the batch's device work is finished by
+construction.
 
-On a GPU, `submit` only queues the work and returns: the caller postprocesses and publishes the
-previous batch while the engine runs this one, so the GPU waits for the host only as long as the
-next batch's preprocessing takes to launch.
+On a GPU, `submit` only queues the work and returns: the caller publishes the previous batch while
+the engine runs this one, so the GPU waits for the host only as long as the next batch takes to
+launch (a handful of launches: preprocessing is one kernel, postprocessing another).
 """
 
 from __future__ import annotations
@@ -18,23 +21,33 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from codetr_stream.daemon.batcher import pick_batch_size
 from codetr_stream.daemon.frames import Frame
+from codetr_stream.daemon.postprocess import FrameFilter, select_batch, unpack
 from codetr_stream.daemon.preprocess import Preprocessor
 
 
 @dataclass
 class BatchOutput:
-    """Host copies of one batch's outputs (real frames only) and where the time went."""
+    """Host copies of one batch's outputs (real frames only) and where the time went.
 
-    boxes: torch.Tensor  # (n, K, 4) float32, engine input pixels
-    scores: torch.Tensor  # (n, K)
-    labels: torch.Tensor  # (n, K) int64
+    Submitted with filters: `rows`, each frame's `postprocess.select` rows (before the ROI).
+    Without: the engine's raw `boxes` (n, K, 4) float32 in input pixels, `scores` (n, K) and
+    `labels` (n, K) int64. Stage times are the batch's: CUDA events on a GPU, wall clock on a CPU;
+    `postprocess_ms` covers the device postprocessing and the read-back.
+    """
+
     scales: list[tuple[float, float]]
     batch_size: int  # the compiled size that ran (>= n)
     preprocess_ms: float
     infer_ms: float
+    postprocess_ms: float
+    rows: list[np.ndarray] | None = None
+    boxes: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
 
 
 class Runner:
@@ -55,11 +68,13 @@ class Runner:
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def warm_up(self) -> None:
-        """Run every batch size once so the first camera frame does not pay for lazy init."""
+        """Run every batch size once (padding rows only) through preprocessing, the engine and
+        postprocessing, so the first camera frame pays for no lazy init or kernel compile."""
         for b in self.batch_sizes:
-            self.images[:b].zero_()
-            self.masks[:b].zero_()
-            self._infer(b)
+            self.preprocess([], self.images, self.masks, rows=b)
+            boxes, scores, labels = self._infer(b)
+            select_batch(boxes, scores, labels, [FrameFilter(0.0)] * b, scales=[(1.0, 1.0)] * b,
+                         frame_sizes=[(1, 1)] * b, num_classes=len(self.class_names))
         if self.stream is not None:
             self.stream.synchronize()
 
@@ -71,49 +86,61 @@ class Runner:
         """Whether `submit` returns before the batch has run (GPU) or after (CPU)."""
         return self.stream is not None
 
-    def submit(self, frames: Sequence[Frame]) -> PendingBatch:
-        """Queue preprocessing, the engine and the read-back of one batch on the runner's stream."""
+    def submit(self, frames: Sequence[Frame],
+               filters: Sequence[FrameFilter] | None = None) -> PendingBatch:
+        """Queue preprocessing, the engine, postprocessing (with `filters`, one per frame) and
+        the read-back of one batch on the runner's stream."""
         n = len(frames)
         batch = pick_batch_size(n, self.batch_sizes)
         clock = _Clock(self.stream)
         with torch.cuda.stream(self.stream) if self.stream is not None else nullcontext():
             clock.mark()
-            scales = self.preprocess(frames, self.images, self.masks)
-            if batch > n:  # padding rows: zero images, all-valid masks
-                self.images[n:batch].zero_()
-                self.masks[n:batch].zero_()
+            scales = self.preprocess(frames, self.images, self.masks, rows=batch)
             clock.mark()
             boxes, scores, labels = self._infer(batch)
             clock.mark()
-            # The one read-back (labels < 2**24 are exact in float32), into pinned host memory
-            # on a GPU; the clock's last event says when it has landed.
-            packed = torch.cat([boxes[:n].float().flatten(1), scores[:n].float(),
-                                labels[:n].float()], dim=1).to("cpu", non_blocking=True)
+            if filters is not None:
+                packed = select_batch(boxes, scores, labels, filters, scales=scales,
+                                      frame_sizes=[(f.width, f.height) for f in frames],
+                                      num_classes=len(self.class_names))
+            else:  # labels < 2**24 are exact in float32
+                packed = torch.cat([boxes[:n].float().flatten(1), scores[:n].float(),
+                                    labels[:n].float()], dim=1)
+            # The one read-back, into pinned host memory on a GPU; the clock's last event says
+            # when it has landed.
+            packed = packed.to("cpu", non_blocking=True)
             clock.mark()
-        return PendingBatch(packed, scores.shape[1], scales, batch, clock)
+        return PendingBatch(packed, scores.shape[1], scales, batch, clock, filters is not None)
 
-    def run(self, frames: Sequence[Frame]) -> BatchOutput:
+    def run(self, frames: Sequence[Frame],
+            filters: Sequence[FrameFilter] | None = None) -> BatchOutput:
         """`submit` and wait."""
-        return self.submit(frames).result()
+        return self.submit(frames, filters).result()
 
 
 class PendingBatch:
     """A submitted batch; `result()` waits for its outputs to reach the host."""
 
     def __init__(self, packed: torch.Tensor, k: int, scales: list[tuple[float, float]],
-                 batch: int, clock: _Clock) -> None:
+                 batch: int, clock: _Clock, selected: bool) -> None:
         self._packed, self._k, self._scales = packed, k, scales
-        self._batch, self._clock = batch, clock
+        self._batch, self._clock, self._selected = batch, clock, selected
 
     def result(self) -> BatchOutput:
         self._clock.wait()
-        preprocess_ms, infer_ms, _ = self._clock.elapsed_ms()
+        preprocess_ms, infer_ms, postprocess_ms = self._clock.elapsed_ms()
+        out = BatchOutput(scales=self._scales, batch_size=self._batch,
+                          preprocess_ms=preprocess_ms, infer_ms=infer_ms,
+                          postprocess_ms=postprocess_ms)
         packed, k = self._packed, self._k
-        n = packed.shape[0]
-        return BatchOutput(
-            boxes=packed[:, : 4 * k].view(n, k, 4), scores=packed[:, 4 * k: 5 * k],
-            labels=packed[:, 5 * k:].long(), scales=self._scales, batch_size=self._batch,
-            preprocess_ms=preprocess_ms, infer_ms=infer_ms)
+        if self._selected:
+            out.rows = unpack(packed.numpy())
+        else:
+            n = packed.shape[0]
+            out.boxes = packed[:, : 4 * k].view(n, k, 4)
+            out.scores = packed[:, 4 * k: 5 * k]
+            out.labels = packed[:, 5 * k:].long()
+        return out
 
 
 class _Clock:

@@ -36,7 +36,7 @@ from codetr_stream.daemon.detections import FrameResult, StreamStatus
 from codetr_stream.daemon.frames import Frame, FrameSlots
 from codetr_stream.daemon.health import HealthServer, Liveness, SnapshotStore
 from codetr_stream.daemon.metrics import Metrics
-from codetr_stream.daemon.postprocess import postprocess
+from codetr_stream.daemon.postprocess import DROP_ALL, FrameFilter, finish
 from codetr_stream.daemon.preprocess import frame_rgb
 from codetr_stream.daemon.publish import Publisher
 from codetr_stream.daemon.runner import BatchOutput, Runner
@@ -205,7 +205,8 @@ class Service:
                     done = None
                 frames = worker.batcher.next_batch(stop)
                 started = time.monotonic()
-                pending = worker.runner.submit(frames) if frames else None
+                pending = (worker.runner.submit(frames, [self._filter(f) for f in frames])
+                           if frames else None)
                 if done is not None:
                     self._process(done)
                     done = None
@@ -301,6 +302,12 @@ class Service:
 
     # ---- the data path ----
 
+    def _filter(self, frame: Frame) -> FrameFilter:
+        state = self.streams.get(frame.stream)
+        if state is None:  # removed by a reload while its frame waited
+            return DROP_ALL
+        return FrameFilter.of(state.config, tuple(self.class_names))
+
     def _process(self, done: _Done) -> None:
         for i, frame in enumerate(done.frames):
             state = self.streams.get(frame.stream)
@@ -311,17 +318,17 @@ class Service:
     def _publish(self, frame: Frame, state: _Stream, out: BatchOutput, i: int,
                  started: float) -> None:
         t0 = time.perf_counter()
-        detections = postprocess(
-            out.boxes[i], out.scores[i], out.labels[i], scale=out.scales[i],
-            frame_size=(frame.width, frame.height), stream_cfg=state.config,
-            class_names=self.class_names)
+        detections = finish(out.rows[i], frame_size=(frame.width, frame.height),
+                            roi=state.config.roi, class_names=self.class_names)
+        # The batch's device postprocessing (and read-back) plus this frame's host part.
+        postprocess_ms = out.postprocess_ms + (time.perf_counter() - t0) * 1e3
         result = FrameResult(
             stream=frame.stream, frame_index=frame.index, pts=frame.pts,
             capture_ns=frame.capture_ns, width=frame.width, height=frame.height,
             detections=detections,
             latencies_ms={"queue": (started - frame.decoded_mono) * 1e3,
                           "preprocess": out.preprocess_ms, "infer": out.infer_ms,
-                          "postprocess": (time.perf_counter() - t0) * 1e3})
+                          "postprocess": postprocess_ms})
         self.publisher.publish(result)
         state.published += 1
         self.metrics.stream(frame.stream).published()

@@ -7,13 +7,17 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
 from codetr_stream.compile.preprocess import preprocess
+from codetr_stream.daemon import postprocess
 from codetr_stream.daemon.config import load_config
 from codetr_stream.daemon.frames import Frame
+from codetr_stream.daemon.postprocess import DROP_ALL, FrameFilter, select
 from codetr_stream.daemon.preprocess import Preprocessor, frame_rgb
+from codetr_stream.daemon.runner import Runner
 from daemon_helpers import DaemonThread, build_tiny_engine, write_config
 from rtsp_server import free_port
 
@@ -58,8 +62,9 @@ def test_daemon_on_gpu_publishes_every_camera(tmp_path) -> None:
 
 @pytest.mark.gpu
 def test_batched_preprocessing_equals_the_reference_on_nv12_frames() -> None:
-    """On the GPU too, a batch processed by size writes exactly what the per-frame reference
-    writes, with rows of one size in any order."""
+    """On the GPU too, the torch-op path (a batch processed by size) writes exactly what the
+    per-frame reference writes, with rows of one size in any order. (The fused kernel is held to
+    this path in tests/test_preprocess.py.)"""
     device = torch.device("cuda")
     hw = (768, 1152)
     gen = torch.Generator(device).manual_seed(0)
@@ -69,7 +74,7 @@ def test_batched_preprocessing_equals_the_reference_on_nv12_frames() -> None:
                                generator=gen)
         return Frame(name, 0, None, 0, pixels, "nv12", h, w)
 
-    preprocessor = Preprocessor(hw, device)
+    preprocessor = Preprocessor(hw, device, fused=False)
     images = torch.empty((8, 3, *hw), device=device)
     masks = torch.ones((8, *hw), dtype=torch.bool, device=device)
     for layout in [(720, 720, 480, 720), (480, 720), (720,) * 8]:
@@ -81,3 +86,32 @@ def test_batched_preprocessing_equals_the_reference_on_nv12_frames() -> None:
             assert diff == 0, f"{layout} row {i}: max diff {diff}"
             assert scales[i] == plan.scale_xy
         assert not masks[:len(frames)].any()
+
+
+@pytest.mark.gpu
+def test_runner_postprocesses_the_batch_on_the_gpu_as_the_reference(tmp_path) -> None:
+    """With filters, the runner's one read-back holds what `select` makes of the raw outputs
+    of the same batch, frame by frame (padding row, class filter and a dropped frame included).
+    `select` with the pure-torch NMS: the kernel's arithmetic (tests/test_postprocess.py)."""
+    device = torch.device("cuda")
+    runner = Runner(build_tiny_engine(tmp_path / "engine"), device)
+    runner.warm_up()
+    gen = torch.Generator(device).manual_seed(1)
+    frames = [Frame(f"cam{i}", 0, None, 0, torch.randint(0, 256, (h * 3 // 2, w),
+                    dtype=torch.uint8, device=device, generator=gen), "nv12", h, w)
+              for i, (h, w) in enumerate([(360, 640), (240, 428), (360, 640)])]
+    filters = [FrameFilter(0.0), FrameFilter(0.05, frozenset({0, 1, 2})), DROP_ALL]
+    out = runner.run(frames, filters)
+    raw = runner.run(frames)
+    assert out.batch_size == 4 and out.scales == raw.scales and len(out.rows) == 3
+    assert out.preprocess_ms > 0 and out.infer_ms > 0 and out.postprocess_ms > 0
+    for i, frame in enumerate(frames):
+        with mock.patch.object(postprocess, "_torchvision_batched_nms", lambda: None):
+            want = select(raw.boxes[i], raw.scores[i], raw.labels[i], filters[i],
+                          scale=raw.scales[i], frame_size=(frame.width, frame.height)).numpy()
+        got = out.rows[i]
+        assert got.shape == want.shape, i
+        assert (got[:, 5] == want[:, 5]).all()
+        torch.testing.assert_close(torch.from_numpy(got), torch.from_numpy(want),
+                                   atol=1e-3, rtol=1e-5)
+    assert len(out.rows[0]) > 0 and len(out.rows[2]) == 0

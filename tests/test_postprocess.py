@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
+import numpy as np
 import pytest
 import torch
+from codetr_stream.daemon import postprocess as postprocess_module
 from codetr_stream.daemon.config import StreamConfig
 from codetr_stream.daemon.detections import COCO_CLASSES
 from codetr_stream.daemon.postprocess import (
     IOU_THRESHOLD,
+    FrameFilter,
     batched_nms,
     batched_nms_torch,
+    finish,
     points_in_polygon,
     postprocess,
+    select,
+    select_batch,
+    unpack,
 )
 
 
@@ -109,8 +118,8 @@ def test_boxes_map_to_frame_pixels_per_axis_and_are_clamped() -> None:
 
 def test_points_in_polygon_concave() -> None:
     # An L shape: the notch at the top right is outside.
-    polygon = torch.tensor([[0, 0], [0.5, 0], [0.5, 0.5], [1, 0.5], [1, 1], [0, 1.]])
-    points = torch.tensor([[0.25, 0.25], [0.75, 0.25], [0.75, 0.75], [1.5, 0.75]])
+    polygon = np.array([[0, 0], [0.5, 0], [0.5, 0.5], [1, 0.5], [1, 1], [0, 1.]], np.float32)
+    points = np.array([[0.25, 0.25], [0.75, 0.25], [0.75, 0.75], [1.5, 0.75]], np.float32)
     assert points_in_polygon(points, polygon).tolist() == [True, False, True, False]
 
 
@@ -164,3 +173,99 @@ def test_cuda_matches_cpu() -> None:
                                torch.tensor([d.box for d in on_cpu]))
     kept = batched_nms_torch(boxes.cuda(), scores.cuda(), labels.cuda(), IOU_THRESHOLD)
     assert kept.tolist() == batched_nms(boxes, scores, labels, IOU_THRESHOLD).tolist()
+
+
+# ---- the batched path: select_batch (+ unpack, finish) against the per-frame reference ----
+
+NUM_CLASSES = 5
+FILTERS = [FrameFilter(0.0), FrameFilter(0.3), FrameFilter(0.1, frozenset({0, 2})),
+           FrameFilter(float("inf")), FrameFilter(0.7, frozenset({1, 4}))]
+SCALES = [(0.6, 0.6), (0.5, 0.25), (1.0, 1.0), (2.0, 2.0), (1.6, 1.6)]
+SIZES = [(900, 900), (1000, 2000), (300, 300), (640, 480), (640, 480)]
+
+
+def batch_case(dtype: torch.dtype = torch.float32, k: int = 120,
+               ties: bool = False) -> tuple[torch.Tensor, ...]:
+    """Engine-like outputs for len(FILTERS) frames: clustered boxes (many IoUs near 0.8), labels
+    past NUM_CLASSES (not in the model's names), scores quantised to force ties if `ties`."""
+    frames = [clustered_boxes(k, seed, classes=NUM_CLASSES + 2) for seed in range(len(FILTERS))]
+    boxes, scores, labels = (torch.stack(t) for t in zip(*frames, strict=True))
+    if ties:
+        scores = (scores * 8).round() / 8
+    return boxes.to(dtype), scores.to(dtype), labels
+
+
+def batched_against_per_frame(device: torch.device, fused: bool,
+                              dtype: torch.dtype) -> list[bool]:
+    """Per frame: do `select_batch`'s rows equal `select`'s (exactly)?
+
+    `select`'s NMS is the pure-torch one here, the same arithmetic as the kernel: torchvision's
+    (where installed) offsets each class's boxes, which moves IoUs by a rounding error, and its
+    tie order is its sort's.
+    """
+    boxes, scores, labels = (t.to(device) for t in batch_case(dtype))
+    packed = select_batch(boxes, scores, labels, FILTERS, scales=SCALES, frame_sizes=SIZES,
+                          num_classes=NUM_CLASSES, fused=fused)
+    got = unpack(packed.cpu().numpy())
+    equal = []
+    with mock.patch.object(postprocess_module, "_torchvision_batched_nms", lambda: None):
+        for i, keep in enumerate(FILTERS):
+            want = select(boxes[i], scores[i], labels[i], keep, scale=SCALES[i],
+                          frame_size=SIZES[i]).cpu().numpy()
+            equal.append(got[i].shape == want.shape and bool((got[i] == want).all()))
+    return equal
+
+
+def test_batched_rows_equal_the_per_frame_reference_on_the_cpu() -> None:
+    assert batched_against_per_frame(torch.device("cpu"), False, torch.float32) == [True] * 5
+
+
+def test_batched_path_publishes_what_postprocess_publishes() -> None:
+    """select_batch -> unpack -> finish equals `postprocess` frame by frame, ROI included."""
+    boxes, scores, labels = batch_case()
+    names = COCO_CLASSES[:NUM_CLASSES]
+    roi = {"points": [[0.1, 0.1], [0.9, 0.2], [0.7, 0.95], [0.05, 0.8]], "anchor": "center"}
+    configs = [stream(min_score=0.2), stream(classes=["person", 2], roi=roi),
+               stream(min_score=0.5, roi=roi), stream(classes=[4]), stream()]
+    keeps = [FrameFilter.of(c, names) for c in configs]
+    packed = select_batch(boxes, scores, labels, keeps, scales=SCALES, frame_sizes=SIZES,
+                          num_classes=NUM_CLASSES)
+    for i, rows in enumerate(unpack(packed.numpy())):
+        got = finish(rows, frame_size=SIZES[i], roi=configs[i].roi, class_names=names)
+        want = postprocess(boxes[i], scores[i], labels[i], scale=SCALES[i],
+                           frame_size=SIZES[i], stream_cfg=configs[i], class_names=names)
+        assert got == want and len(want) > 0, i
+    assert keeps[1] == FrameFilter(0.0, frozenset({0, 2}))
+
+
+def _interpret_select() -> dict:
+    """Child process (TRITON_INTERPRET=1): the kernel on CPU tensors against `select`, and on
+    tied scores against the greedy loop (ties go to the lower index, as a stable sort)."""
+    cpu = torch.device("cpu")
+    results = {str(dtype): batched_against_per_frame(cpu, True, dtype)
+               for dtype in (torch.float32, torch.float16)}
+    boxes, scores, labels = batch_case(ties=True)
+    packed = select_batch(boxes, scores, labels, [FrameFilter(0.0)] * len(FILTERS),
+                          scales=[(1.0, 1.0)] * len(FILTERS), frame_sizes=[(10**4, 10**4)] * 5,
+                          num_classes=NUM_CLASSES, fused=True)
+    results["ties"] = [rows[:, 4].tolist() == scores[i][kept].tolist()
+                       and rows[:, 5].tolist() == labels[i][kept].tolist()
+                       for i, rows in enumerate(unpack(packed.numpy()))
+                       for kept in [greedy_nms(boxes[i], scores[i], labels[i], IOU_THRESHOLD)]]
+    return results
+
+
+@pytest.mark.slow
+def test_select_kernel_equals_the_reference_in_the_interpreter() -> None:
+    pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[kernel]')")
+    from interpret import run_interpreted
+
+    results = run_interpreted("test_postprocess", "_interpret_select")
+    assert results == {"torch.float32": [True] * 5, "torch.float16": [True] * 5,
+                       "ties": [True] * 5}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_select_kernel_equals_the_reference_on_the_gpu(dtype: torch.dtype) -> None:
+    assert batched_against_per_frame(torch.device("cuda"), True, dtype) == [True] * 5
