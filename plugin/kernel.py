@@ -163,7 +163,7 @@ SMALL_CALL_ROWS = 32_768
 
 
 def launch_config(rows: int | None = None) -> LaunchConfig:
-    """Default block shape for B*Q*H = `rows` query rows (None: unknown, e.g. TensorRT)."""
+    """Default block shape for B*Q*H = `rows` query rows (None or symbolic: unknown size)."""
     if isinstance(rows, int) and rows < SMALL_CALL_ROWS:
         return LaunchConfig(block_q=32, lanes_per_row=4, num_warps=4)
     return LaunchConfig(block_q=64, lanes_per_row=2, num_warps=4)
@@ -186,9 +186,7 @@ def ms_deform_attn_triton(
     batch, tokens, heads, dim = value.shape
     _, queries, _, levels, points, _ = sampling_locations.shape
     value = value.contiguous()
-    if config is None:
-        size = batch * queries * heads
-        config = launch_config(size if isinstance(size, int) else None)
+    config = config or launch_config(batch * queries * heads)  # a SymInt when traced dynamic
     if config.half_bilinear and value.dtype != torch.float16:
         raise ValueError(f"half_bilinear needs float16 values, got {value.dtype}")
     out = value.new_empty(batch, queries, heads * dim)
