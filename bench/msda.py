@@ -46,6 +46,7 @@ DTYPES = {"fp16": (F16, F16), "fp32": (F32, F32), "fp16+fp32": (F16, F32)}  # va
 TOLERANCE = {F32: 1e-5, F16: 2e-3}  # by value dtype
 DEVICE = "cuda"
 SECTION_BEGIN, SECTION_END = "<!-- msda:begin -->", "<!-- msda:end -->"
+L2_BYTES = 50e6  # H100 / H200 L2: rotate through input sets several times larger
 LANES = {"lanes2": LaunchConfig(64, 2, 4), "lanes1": LaunchConfig(128, 1, 4),
          "lanes4": LaunchConfig(32, 4, 4), "half": LaunchConfig(64, 2, 4, half_bilinear=True)}
 KERNELS = [*LANES, "v3", "per_output"]  # timed through CUDA graphs
@@ -114,6 +115,7 @@ def run(name: str, args):
 
 
 def applicable(name: str, args) -> bool:
+    """`half` combines corners in float16: only for float16 values."""
     return name != "half" or args[0].dtype == F16
 
 
@@ -123,9 +125,6 @@ def floor_bytes(args) -> int:
     batch, _, heads, dim = value.shape
     out = batch * locs.shape[1] * heads * dim * value.element_size()
     return sum(t.numel() * t.element_size() for t in (value, locs, weights)) + out
-
-
-L2_BYTES = 50e6  # H100 / H200 L2: rotate through input sets several times larger
 
 
 def check(args) -> dict[str, float]:
@@ -179,14 +178,14 @@ def sweep(cases) -> dict[str, float]:
             for c in SWEEP}
 
 
-def locality(case_args, names: list[str]) -> dict[str, dict[str, float]]:
+def locality(model_cases, names: list[str]) -> dict[str, dict[str, float]]:
     """Encoder FP16 batch 1 with every location on one pixel (no cache misses: the
     instruction-bound time) and uniformly random (no locality), per kernel."""
     results = {}
     for where in ("one_pixel", "uniform"):
         cases = [make_case("encoder", 1, "fp16", seed, locality=where) for seed in range(4)]
         results[where] = {n: time_graph_us(lambda a, n=n: run(n, a), cases) for n in names}
-    results["model"] = {n: time_graph_us(lambda a, n=n: run(n, a), case_args) for n in names}
+    results["model"] = {n: time_graph_us(lambda a, n=n: run(n, a), model_cases) for n in names}
     return results
 
 
