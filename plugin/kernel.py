@@ -1,14 +1,18 @@
 """The MSDA forward kernel in Triton: one source for the PyTorch op, Inductor and TensorRT.
 
-MSDA is a gather, so its speed limit is memory traffic. `msda_fwd_kernel` gives one program a
-block of queries of one (batch, head): every corner fetch is a contiguous head-dim vector
-(16-byte loads), neighbouring queries of the block sample neighbouring pixels (cache reuse), and
-levels x points x 4 corners are accumulated in FP32 registers. `msda_fwd_kernel_per_output` is
-the classic im2col design (one lane per output element), kept as the benchmark's baseline.
+MSDA is a gather: per (query, head) it reads levels x points x 4 corner rows of the head dim and
+sums them with attention x bilinear weights. Each gathered element costs a float16 -> float32
+conversion and an FMA (the compute floor, bench/msda_notes.md); on top comes the per-point work
+(pixel coordinates, corner indices, bounds, weights), repeated by every lane that holds part of a
+query's row. `msda_fwd_kernel` gives a row to 2 lanes, each loading 16-byte pieces (D=32 float16:
+16 channels a lane): a warp load reads whole 32-byte sectors of 16 rows, the L1's full rate, and
+the per-point work is done twice per row instead of 4 times as in a [queries, head dim] tile
+(v3, plugin/kernel_baselines.py). Small calls use 4 lanes a row to have threads for all SMs.
 
 Sampling follows `grid_sample(align_corners=False, padding_mode="zeros")`: pixel x = loc * W - 0.5,
-corners outside the map contribute zero. Pixel coordinates are formed in float64 (per query and
-point, not per element), which keeps the bilinear fraction exact to float32 rounding at x ~ 300.
+corners outside the map contribute zero. Pixel coordinates are exact: float32 for 16-bit
+locations (loc * W fits float32's 24 bits), float64 for float32 locations (a float32 product would
+lose ~1e-5 of the fraction at x ~ 300).
 
 Kernel arguments follow TensorRT's AOT plugin convention: input pointers, then int32 scalars,
 then the output pointer (plugin/tensorrt.py launches the same compiled kernel).
@@ -16,6 +20,9 @@ then the output pointer (plugin/tensorrt.py launches the same compiled kernel).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -23,64 +30,31 @@ from torch.library import wrap_triton
 
 
 @triton.jit
-def _accumulate_point(
-    acc, v_ptr, row_stride, cols, col_mask, lx, ly, a, h_l, w_l, start, EXPAND: tl.constexpr
-):
-    """acc += a * bilinear(value, (lx, ly)) for one sampling point of one level.
+def _pixel(loc, size):
+    """(first corner index, fraction) of normalised locations on a map `size` pixels wide.
 
-    EXPAND: rows are queries and columns the head dim (2-D tile); else one lane per output.
+    Out-of-range float -> int conversions saturate on the GPU, so far-away points give corners
+    that the bounds checks reject (x0 + 1 wraps to INT_MIN at INT_MAX: rejected as well).
     """
-    # Pixel coordinates in float64: loc * W is exact there (24 + 16 bits), so the fraction
-    # keeps full float32 precision even at x ~ 300, where float32 would lose ~1e-5.
-    x = lx.to(tl.float64) * w_l - 0.5
-    y = ly.to(tl.float64) * h_l - 0.5
-    # Clamp far-away points: every corner of a clamped point is outside the map anyway.
-    x0f = tl.floor(tl.minimum(tl.maximum(x, -2.0), w_l + 1.0))
-    y0f = tl.floor(tl.minimum(tl.maximum(y, -2.0), h_l + 1.0))
-    fx = (x - x0f).to(tl.float32)
-    fy = (y - y0f).to(tl.float32)
-    x0 = x0f.to(tl.int32)
-    y0 = y0f.to(tl.int32)
-    for dy in tl.static_range(2):
-        yi = y0 + dy
-        wy = fy * dy + (1.0 - fy) * (1 - dy)
-        y_ok = (yi >= 0) & (yi < h_l)
-        for dx in tl.static_range(2):
-            xi = x0 + dx
-            wx = fx * dx + (1.0 - fx) * (1 - dx)
-            ok = y_ok & (xi >= 0) & (xi < w_l)
-            w = tl.where(ok, a * wx * wy, 0.0)
-            row = (start + yi * w_l + xi) * row_stride
-            if EXPAND:
-                v = tl.load(
-                    v_ptr + row[:, None] + cols[None, :],
-                    mask=ok[:, None] & col_mask[None, :],
-                    other=0.0,
-                )
-                acc += w[:, None] * v.to(tl.float32)
-            else:
-                v = tl.load(v_ptr + row + cols, mask=ok & col_mask, other=0.0)
-                acc += w * v.to(tl.float32)
-    return acc
+    if loc.dtype == tl.float32:
+        x = loc.to(tl.float64) * size - 0.5
+    else:
+        x = loc.to(tl.float32) * size - 0.5
+    x0 = tl.floor(x)
+    return x0.to(tl.int32), (x - x0).to(tl.float32)
 
 
 @triton.jit
-def _accumulate_level(
-    acc, v_ptr, row_stride, cols, col_mask, shapes_ptr, starts_ptr, loc_ptr, attw_ptr, lp_base,
-    mask, lvl, POINTS: tl.constexpr, EXPAND: tl.constexpr
-):
-    """All points of level `lvl`; lp_base indexes the (b, q, h) row of locations / weights."""
-    h_l = tl.load(shapes_ptr + 2 * lvl).to(tl.int32)
-    w_l = tl.load(shapes_ptr + 2 * lvl + 1).to(tl.int32)
-    start = tl.load(starts_ptr + lvl).to(tl.int32)
-    for p in tl.static_range(POINTS):
-        i = lp_base + lvl * POINTS + p
-        a = tl.load(attw_ptr + i, mask=mask, other=0.0).to(tl.float32)
-        lx = tl.load(loc_ptr + 2 * i, mask=mask, other=0.0)
-        ly = tl.load(loc_ptr + 2 * i + 1, mask=mask, other=0.0)
-        acc = _accumulate_point(
-            acc, v_ptr, row_stride, cols, col_mask, lx, ly, a, h_l, w_l, start, EXPAND=EXPAND
-        )
+def _corner(acc, rows, offset, w, d_mask, HALF_BILINEAR: tl.constexpr):
+    """acc += w * value row at `rows + offset` (one corner of one point, all rows)."""
+    if d_mask is None:
+        v = tl.load(rows + offset[:, None, None])
+    else:
+        v = tl.load(rows + offset[:, None, None], mask=d_mask, other=0.0)
+    if HALF_BILINEAR:
+        acc = tl.fma(v, w.to(v.dtype)[:, None, None], acc)
+    else:
+        acc = tl.fma(v.to(tl.float32), w[:, None, None], acc)
     return acc
 
 
@@ -100,66 +74,99 @@ def msda_fwd_kernel(
     POINTS: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    CHUNK: tl.constexpr,
+    HALF_BILINEAR: tl.constexpr,
 ):
-    """Grid (cdiv(Q, BLOCK_Q), B * H): one program = BLOCK_Q queries x the head dim."""
-    pid_q = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-    q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    """Grid (cdiv(Q, BLOCK_Q), B * H): one program = BLOCK_Q queries of one (batch, head).
+
+    The tile is [BLOCK_Q, BLOCK_D // CHUNK, CHUNK]: Triton's coalescing gives the lanes of a warp
+    to the CHUNK axis (16 bytes a lane) and then to the queries, and keeps the middle axis in each
+    lane's registers; so a query's row is spread over CHUNK * itemsize / 16 lanes.
+    HALF_BILINEAR: the 4 corners of a point are combined in the value dtype (packed float16
+    math), then added to the float32 accumulator (benchmark variant; less exact).
+    """
+    b = tl.program_id(1) // num_heads
+    h = tl.program_id(1) % num_heads
+    q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     q_mask = q < num_queries
-    d = tl.arange(0, BLOCK_D)
-    d_mask = d < DIM
+    q = tl.minimum(q, num_queries - 1)  # queries past the end redo the last one (store masked)
+    d = (tl.arange(0, BLOCK_D // CHUNK)[None, :, None] * CHUNK
+         + tl.arange(0, CHUNK)[None, None, :])
+    d_mask = None if DIM == BLOCK_D else d < DIM
     row_stride = num_heads * DIM
-    v_ptr = value_ptr + b.to(tl.int64) * num_tokens * row_stride + h * DIM
+    rows = value_ptr + b.to(tl.int64) * num_tokens * row_stride + h * DIM + d
     # (b, q, h) row of the locations / weights / output, in int64 (B*Q*H*L*P*2 can pass 2^31).
     bqh = (b.to(tl.int64) * num_queries + q) * num_heads + h
     lp_base = bqh * (LEVELS * POINTS)
-    acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_Q, BLOCK_D // CHUNK, CHUNK], dtype=tl.float32)
     for lvl in range(LEVELS):  # rolled: unrolling measured slower (bench/msda_notes.md)
-        acc = _accumulate_level(acc, v_ptr, row_stride, d, d_mask, shapes_ptr, starts_ptr,
-                                loc_ptr, attw_ptr, lp_base, q_mask, lvl, POINTS, True)
-    out = out_ptr + bqh[:, None] * DIM + d[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=q_mask[:, None] & d_mask[None, :])
+        h_l = tl.load(shapes_ptr + 2 * lvl).to(tl.int32)
+        w_l = tl.load(shapes_ptr + 2 * lvl + 1).to(tl.int32)
+        start = tl.load(starts_ptr + lvl).to(tl.int32)
+        for p in tl.static_range(POINTS):
+            i = lp_base + lvl * POINTS + p
+            a = tl.load(attw_ptr + i).to(tl.float32)
+            lx, ly = tl.split(tl.load(loc_ptr + 2 * i[:, None] + tl.arange(0, 2)[None, :]))
+            x0, fx = _pixel(lx, w_l)
+            y0, fy = _pixel(ly, h_l)
+            # One unsigned compare per corner coordinate: negative indices wrap to >= size.
+            okx0 = x0.to(tl.uint32, bitcast=True) < w_l
+            okx1 = (x0 + 1).to(tl.uint32, bitcast=True) < w_l
+            oky0 = y0.to(tl.uint32, bitcast=True) < h_l
+            oky1 = (y0 + 1).to(tl.uint32, bitcast=True) < h_l
+            wx0 = tl.where(okx0, 1.0 - fx, 0.0)
+            wx1 = tl.where(okx1, fx, 0.0)
+            wy0 = tl.where(oky0, a * (1.0 - fy), 0.0)
+            wy1 = tl.where(oky1, a * fy, 0.0)
+            # A corner outside the map reads an in-map row with weight 0: no masked loads.
+            ox0 = tl.where(okx0, x0, 0)
+            ox1 = tl.where(okx1, x0 + 1, 0)
+            oy0 = start + tl.where(oky0, y0, 0) * w_l
+            oy1 = start + tl.where(oky1, y0 + 1, 0) * w_l
+            if HALF_BILINEAR:
+                s = tl.zeros([BLOCK_Q, BLOCK_D // CHUNK, CHUNK], dtype=value_ptr.dtype.element_ty)
+            else:
+                s = acc
+            s = _corner(s, rows, (oy0 + ox0) * row_stride, wy0 * wx0, d_mask, HALF_BILINEAR)
+            s = _corner(s, rows, (oy0 + ox1) * row_stride, wy0 * wx1, d_mask, HALF_BILINEAR)
+            s = _corner(s, rows, (oy1 + ox0) * row_stride, wy1 * wx0, d_mask, HALF_BILINEAR)
+            s = _corner(s, rows, (oy1 + ox1) * row_stride, wy1 * wx1, d_mask, HALF_BILINEAR)
+            if HALF_BILINEAR:
+                acc += s.to(tl.float32)
+            else:
+                acc = s
+    out = out_ptr + bqh[:, None, None] * DIM + d
+    mask = q_mask[:, None, None] if d_mask is None else q_mask[:, None, None] & d_mask
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def msda_fwd_kernel_per_output(
-    value_ptr,
-    shapes_ptr,
-    starts_ptr,
-    loc_ptr,
-    attw_ptr,
-    num_tokens,
-    num_queries,
-    num_heads,
-    out_ptr,
-    DIM: tl.constexpr,
-    LEVELS: tl.constexpr,
-    POINTS: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    """Grid (cdiv(Q*H*D, BLOCK), B): the classic design, one lane per output element."""
-    b = tl.program_id(1).to(tl.int64)
-    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = idx < num_queries * num_heads * DIM
-    d = idx % DIM
-    h = (idx // DIM) % num_heads
-    bqh = b * num_queries * num_heads + idx // DIM
-    row_stride = num_heads * DIM
-    lp_base = bqh * (LEVELS * POINTS)
-    v_ptr = value_ptr + b * num_tokens * row_stride
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for lvl in range(LEVELS):
-        acc = _accumulate_level(acc, v_ptr, row_stride, h * DIM + d, mask, shapes_ptr,
-                                starts_ptr, loc_ptr, attw_ptr, lp_base, mask, lvl, POINTS, False)
-    tl.store(out_ptr + bqh * DIM + d, acc.to(out_ptr.dtype.element_ty), mask=mask)
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Block shape of `msda_fwd_kernel`: queries a program, lanes per query row, warps."""
+
+    block_q: int
+    lanes_per_row: int
+    num_warps: int
+    half_bilinear: bool = False
+
+    def constexprs(self, dim: int, itemsize: int) -> dict[str, int | bool]:
+        """BLOCK_Q, BLOCK_D, CHUNK, HALF_BILINEAR for a head dim and value element size."""
+        block_d = triton.next_power_of_2(dim)
+        chunk = min(block_d, max(1, 16 * self.lanes_per_row // itemsize))
+        return {"BLOCK_Q": self.block_q, "BLOCK_D": block_d, "CHUNK": chunk,
+                "HALF_BILINEAR": self.half_bilinear}
 
 
-def block_config(dim: int) -> tuple[int, int, int]:
-    """(BLOCK_Q, BLOCK_D, num_warps) of `msda_fwd_kernel` for a head dim: ~1K outputs a program."""
-    block_d = triton.next_power_of_2(dim)
-    return max(1024 // block_d, 4), block_d, 4
+# Small calls (decoder: 900 queries) have too few rows to fill 132 SMs with 2 lanes a row;
+# 4 lanes a row doubles the threads at some instruction cost (bench/msda_notes.md).
+SMALL_CALL_ROWS = 32_768
+
+
+def launch_config(rows: int | None = None) -> LaunchConfig:
+    """Default block shape for B*Q*H = `rows` query rows (None or symbolic: unknown size)."""
+    if isinstance(rows, int) and rows < SMALL_CALL_ROWS:
+        return LaunchConfig(block_q=32, lanes_per_row=4, num_warps=4)
+    return LaunchConfig(block_q=64, lanes_per_row=2, num_warps=4)
 
 
 def ms_deform_attn_triton(
@@ -168,40 +175,26 @@ def ms_deform_attn_triton(
     level_start_index: Tensor,
     sampling_locations: Tensor,
     attention_weights: Tensor,
-    per_output: bool = False,
-    block_q: int | None = None,
-    num_warps: int | None = None,
+    config: LaunchConfig | None = None,
 ) -> Tensor:
-    """Launch the kernel (through `wrap_triton`, so torch.compile/export can trace it).
+    """Launch `msda_fwd_kernel` (through `wrap_triton`, so torch.compile/export can trace it).
 
     Shapes as the op; spatial_shapes and level_start_index must live on value's device (the
     kernel reads them there, so no host sync is needed and CUDA-graph capture works).
-    per_output: the classic one-lane-per-output kernel (the benchmark's baseline).
-    block_q / num_warps override `block_config` (the benchmark's sweep).
+    config: block shape (default `launch_config` for this call's size; the benchmark's sweep).
     """
     batch, tokens, heads, dim = value.shape
     _, queries, _, levels, points, _ = sampling_locations.shape
     value = value.contiguous()
-    sampling_locations = sampling_locations.contiguous()
-    attention_weights = attention_weights.contiguous()
-    spatial_shapes = spatial_shapes.contiguous()
-    level_start_index = level_start_index.contiguous()
+    config = config or launch_config(batch * queries * heads)  # a SymInt when traced dynamic
+    if config.half_bilinear and value.dtype != torch.float16:
+        raise ValueError(f"half_bilinear needs float16 values, got {value.dtype}")
     out = value.new_empty(batch, queries, heads * dim)
-    args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    sizes = (tokens, queries, heads, out)
-    if per_output:
-        block = 256
-        grid = (triton.cdiv(queries * heads * dim, block), batch)
-        wrap_triton(msda_fwd_kernel_per_output)[grid](
-            *args, *sizes, DIM=dim, LEVELS=levels, POINTS=points, BLOCK=block, num_warps=4
-        )
-    else:
-        default_q, block_d, default_warps = block_config(dim)
-        block_q = block_q or default_q
-        warps = num_warps or default_warps
-        grid = (triton.cdiv(queries, block_q), batch * heads)
-        wrap_triton(msda_fwd_kernel)[grid](
-            *args, *sizes, DIM=dim, LEVELS=levels, POINTS=points, BLOCK_Q=block_q, BLOCK_D=block_d,
-            num_warps=warps,
-        )
+    grid = (triton.cdiv(queries, config.block_q), batch * heads)
+    wrap_triton(msda_fwd_kernel)[grid](
+        value, spatial_shapes.contiguous(), level_start_index.contiguous(),
+        sampling_locations.contiguous(), attention_weights.contiguous(), tokens, queries, heads,
+        out, DIM=dim, LEVELS=levels, POINTS=points, num_warps=config.num_warps,
+        **config.constexprs(dim, value.element_size()),
+    )
     return out

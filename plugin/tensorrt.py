@@ -33,10 +33,10 @@ def compile_kernel(dtypes: dict[str, str], dim: int, levels: int, points: int,
     the output takes value's. Returns Triton's compiled kernel (PTX in `.asm["ptx"]`).
     """
     import triton
-    from codetr_stream.plugin.kernel import block_config, msda_fwd_kernel
+    from codetr_stream.plugin.kernel import launch_config, msda_fwd_kernel
     from triton.backends.compiler import GPUTarget
 
-    block_q, block_d, num_warps = block_config(dim)
+    config = launch_config()
     signature = {
         "value_ptr": f"*{dtypes['value']}",
         "shapes_ptr": f"*{dtypes['spatial_shapes']}",
@@ -46,8 +46,9 @@ def compile_kernel(dtypes: dict[str, str], dim: int, levels: int, points: int,
         **dict.fromkeys(SCALARS, "i32"),
         "out_ptr": f"*{dtypes['value']}",
     }
-    constexprs = {"DIM": dim, "LEVELS": levels, "POINTS": points, "BLOCK_Q": block_q,
-                  "BLOCK_D": block_d}
+    itemsize = {"fp32": 4, "fp16": 2, "bf16": 2}[dtypes["value"]]
+    constexprs = {"DIM": dim, "LEVELS": levels, "POINTS": points,
+                  **config.constexprs(dim, itemsize)}
     if list(signature) + list(constexprs) != list(msda_fwd_kernel.arg_names):
         raise RuntimeError(f"{__file__}: signature out of date with msda_fwd_kernel's arguments")
     signature.update(dict.fromkeys(constexprs, "constexpr"))
@@ -59,7 +60,7 @@ def compile_kernel(dtypes: dict[str, str], dim: int, levels: int, points: int,
         attrs={(i,): [["tt.divisibility", 16]] for i in pointers},
     )
     compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32),
-                              options={"num_warps": num_warps})
+                              options={"num_warps": config.num_warps})
     # TensorRT passes no scratch buffers: a kernel that needs one cannot run as an AOT plugin.
     for field in ("global_scratch_size", "profile_scratch_size"):
         if getattr(compiled.metadata, field, 0):
@@ -83,7 +84,7 @@ def register() -> None:
     import tensorrt.plugin as trtp
     import torch
     import torch_tensorrt
-    from codetr_stream.plugin.kernel import block_config
+    from codetr_stream.plugin.kernel import launch_config
 
     triton_type = {trt.float32: "fp32", trt.float16: "fp16", trt.bfloat16: "bf16",
                    trt.int64: "i64", trt.int32: "i32"}
@@ -120,7 +121,7 @@ def register() -> None:
         major, minor = torch.cuda.get_device_capability()
         compiled = compile_kernel(dtypes, dim, _static(locs[3], "levels L"),
                                   _static(locs[4], "points P"), 10 * major + minor)
-        block_q = block_config(dim)[0]
+        block_q = launch_config().block_q
         launch = trtp.KernelLaunchParams()
         launch.grid_x = trtp.cdiv(queries, block_q)
         launch.grid_y = trtp.SymInt32(batch * heads)
