@@ -17,8 +17,8 @@ from codetr_stream.daemon.procstat import ProcessSample, Trend, trend
 
 MB = 1 << 20
 DECODE_PATHS = {"nv12": "NVDEC (NV12 frames in GPU memory)", "rgb24": "FFmpeg on the CPU (RGB)"}
-COLUMNS = ("t (s)", "RSS MB", "torch GPU MB", "device GPU MB", "fds", "threads", "detections",
-           "min per camera", "latency p50 / p99 ms", "outages", "reconnects")
+COLUMNS = ("t (s)", "RSS MB", "torch GPU MB reserved / live", "device GPU MB", "fds", "threads",
+           "detections", "min per camera", "latency p50 / p99 ms", "outages", "reconnects")
 
 
 def header(table_every: float) -> str:
@@ -45,7 +45,8 @@ class Row:
         quiet = min(self.messages, key=self.messages.get) if self.messages else "-"
         latency = "-" if self.latency_ms is None else "{:.0f} / {:.0f}".format(*self.latency_ms)
         return (f"| {self.label} | {self.t_s:.0f} | {s.rss_bytes / MB:.0f} "
-                f"| {_mb(s.gpu_reserved_bytes)} | {_mb(s.gpu_used_bytes)} | {s.open_fds} "
+                f"| {_mb(s.gpu_reserved_bytes)} / {_mb(s.gpu_allocated_bytes)} "
+                f"| {_mb(s.gpu_used_bytes)} | {s.open_fds} "
                 f"| {s.threads} "
                 f"| {sum(self.messages.values())} | {self.messages.get(quiet, 0)} ({quiet}) "
                 f"| {latency} | {self.outages} | {self.reconnects} |")

@@ -81,9 +81,16 @@ class CpuDecoder:
 
 
 class NvdecDecoder:
-    """NVDEC via PyNvVideoCodec: Annex-B packets in, NV12 device tensors out."""
+    """NVDEC via PyNvVideoCodec: Annex-B packets in, NV12 device tensors out.
 
-    def __init__(self, stream, device: torch.device) -> None:
+    `cuda_stream` is where NVDEC works and the pictures are allocated. A camera passes the same
+    one to every decoder it rebuilds: the caching allocator keeps a pool per stream, so a fresh
+    stream per reconnect leaves the previous pool's blocks reserved (seen in the GPU soak: +20 MB
+    per reconnect, until torch's 32 pooled streams came round again).
+    """
+
+    def __init__(self, stream, device: torch.device,
+                 cuda_stream: torch.cuda.Stream | None = None) -> None:
         import av
         import PyNvVideoCodec as nvc
 
@@ -94,7 +101,7 @@ class NvdecDecoder:
         self._nvc = nvc
         self._device = device
         self._time_base = stream.time_base
-        self._cuda_stream = torch.cuda.Stream(device=device)
+        self._cuda_stream = cuda_stream or torch.cuda.Stream(device=device)
         self._bsf = av.bitstream.BitStreamFilterContext(f"{self.codec}_mp4toannexb", stream)
         extradata = stream.codec_context.extradata or b""
         # RTSP gives parameter sets out of band (SDP) as Annex-B extradata, which the filter
@@ -157,10 +164,12 @@ class NvdecDecoder:
         return pictures
 
 
-def make_decoder(stream, device: torch.device) -> Decoder:
-    """The decoder for `stream` on `device`: NVDEC on CUDA devices, FFmpeg on the CPU."""
+def make_decoder(stream, device: torch.device,
+                 cuda_stream: torch.cuda.Stream | None = None) -> Decoder:
+    """The decoder for `stream` on `device`: NVDEC on CUDA devices (on `cuda_stream`), FFmpeg
+    on the CPU."""
     if stream.type != "video":
         raise UnsupportedStream(f"stream of type {stream.type!r} is not video")
     if device.type == "cuda":
-        return NvdecDecoder(stream, device)
+        return NvdecDecoder(stream, device, cuda_stream)
     return CpuDecoder(stream)

@@ -136,6 +136,8 @@ class Source:
         self.stats = SourceStats()
         self.safe_url = redact(settings.url)
         self._cap = FpsCap(settings.max_fps)
+        # One CUDA stream for the camera's lifetime, shared by every decoder it rebuilds.
+        self._cuda_stream = torch.cuda.Stream(device=device) if device.type == "cuda" else None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"source-{settings.name}",
                                         daemon=True)
@@ -199,7 +201,7 @@ class Source:
                 kinds = sorted({st.type for st in container.streams}) or ["nothing"]
                 raise UnsupportedStream(f"no video stream (found {', '.join(kinds)})")
             video = container.streams.video[0]
-            decoder = make_decoder(video, self.device)
+            decoder = make_decoder(video, self.device, self._cuda_stream)
             log.info("stream %s connected: %s %dx%d (%s)", self.name, decoder.codec,
                      video.codec_context.width, video.codec_context.height, self.safe_url)
             self.stats.connected = True
