@@ -228,7 +228,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--eager-warmup", type=int, default=None, help="default: --warmup")
     p.add_argument("--eager-iters", type=int, default=None, help="default: --iters")
     p.add_argument("--deadline", type=float, default=3600,
-                   help="seconds after which unfinished engine workers are stopped")
+                   help="seconds from the start after which unfinished engine builds are "
+                        "stopped (and timing goes on without --gpu-lock)")
     p.add_argument("--gpu-lock", default=None, metavar="PATH",
                    help="flock to hold while timing (a concurrent GPU test holds it)")
     p.add_argument("--seed", type=int, default=0)

@@ -29,6 +29,8 @@ import torch
 
 # Named engine variants: '+'-joined graph passes (compile/engines/passes.py) and Inductor option
 # presets; "baseline" is neither.
+MEASURE_S = 180  # the most one engine's numerics + timing + profile may take
+
 OPTION_PRESETS: dict[str, dict[str, Any]] = {
     # GEMMs autotuned against Inductor's Triton templates, whose epilogues can take the following
     # pointwise ops (ReLU, GELU, bias, residual); costs minutes of compile per engine.
@@ -252,7 +254,7 @@ def _receive(proc: Any, conn: Connection, deadline: float) -> tuple[Any, ...]:
             return ("error", f"worker exited with code {proc.exitcode}")
         if time.monotonic() > deadline:
             proc.terminate()
-            return ("error", "timed out (--deadline)")
+            return ("error", "timed out")
     try:
         return conn.recv()
     except EOFError:
@@ -290,7 +292,8 @@ def gpu_lock(path: str | None, deadline: float = math.inf) -> Iterator[None]:
 
 def run_jobs(jobs: list[Job], *, parallel: int, deadline: float,
              lock: str | None = None) -> list[Outcome]:
-    """Build `parallel` engines at a time in worker processes, then time them one by one."""
+    """Build `parallel` engines at a time in worker processes, then time them one by one.
+    Builds still running at `deadline` (time.monotonic) are stopped and reported."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
@@ -315,14 +318,17 @@ def run_jobs(jobs: list[Job], *, parallel: int, deadline: float,
         with gpu_lock(lock, deadline):
             for outcome, proc, conn in started:
                 if outcome.error is None:
-                    conn.send("go")
-                    message = _receive(proc, conn, deadline)
+                    conn.send("go")  # its numerics, timing and profile: minutes at most
+                    message = _receive(proc, conn, time.monotonic() + MEASURE_S)
                     if message[0] == "done":
                         outcome.info.update(message[1])
                         outcome.ms = message[1]["ms"]
                         outcome.outputs = torch.load(io.BytesIO(message[2]), weights_only=True)
+                        print(f"[{outcome.job.key}] {outcome.ms:.2f} ms median, "
+                              f"{message[1]['gib']} GiB", flush=True)
                     else:
                         outcome.error = message[1]
+                        print(f"[{outcome.job.key}] failed: {outcome.error}", flush=True)
                 proc.join(timeout=60)
                 if proc.is_alive():
                     proc.terminate()
