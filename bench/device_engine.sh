@@ -1,36 +1,88 @@
 #!/usr/bin/env bash
 # The compile step on the GPU machine (the device tool), one call per mode; logs land in $OUT.
-#   bash bench/device_engine.sh main   # bench/engine.py at 1152x768, batch 1 and 8
-#                                      # (builds the Inductor FP16 engine: ~2 min per batch size)
-#   bash bench/device_engine.sh warm   # next call while the machine is warm: daemon warm start
-#                                      # from the engine the first call left in /tmp
-#   bash bench/device_engine.sh swin   # bench/swin_attention.py (Swin attention variants side by
-#                                      # side), then bench/engine.py at batch 1 only (~3.5 min)
+#   bash bench/device_engine.sh sizes     # 608x608, 1152x768, 1920x1280 x batch 1, 8: eager FP32,
+#                                         # eager FP16, Inductor FP16 + CUDA graph (6 engines built
+#                                         # in parallel), while the GPU tests of the Inductor
+#                                         # engine run beside the builds (~7-9 min)
+#   bash bench/device_engine.sh variants  # 1152x768 x batch 1, 8: the baseline engine vs the
+#                                         # engine passes (fold-masks, linear-relu, both), and a
+#                                         # daemon warm start of baseline and both (~7-9 min)
+#   bash bench/device_engine.sh tuning    # 1152x768 x batch 1: both passes, alone and with the
+#                                         # Inductor presets tune-pointwise and autotune-gemm
+#                                         # (their compile cost is part of the answer)
+#   bash bench/device_engine.sh main      # 1152x768 x batch 1, 8, baseline, with profiles
+#   bash bench/device_engine.sh swin      # bench/swin_attention.py (Swin attention variants side by
+#                                         # side), then bench/engine.py at batch 1 only (~3.5 min)
 set -uo pipefail
 # shellcheck source=bench/device_env.sh
 source "$(dirname "$0")/device_env.sh"
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  nproc; free -g | head -2
 } 2>&1 | tee "$out/env.txt"
-engine=/tmp/codetr_bench_engine_1152x768
-case "${1:-main}" in
-  main)
-    timeout 520 python3 bench/engine.py --sizes 1152x768 --batches 1,8 --iters 20 \
-      --profile "$out" --json "$out/engine.json" --results "$out/RESULTS.md" \
-      2>&1 | tee "$out/bench.log"
-    cp "$engine/manifest.json" "$out/manifest.json" 2>/dev/null
+lock=/tmp/codetr_gpu.lock
+# python3 -c "$locked" LOCKFILE ARGS...: take LOCKFILE's flock, then become `python3 ARGS...`.
+locked='import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_CREAT | os.O_WRONLY)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.set_inheritable(fd, True)
+os.execv(sys.executable, [sys.executable, *sys.argv[2:]])'
+profiles=/tmp/codetr_profiles  # one file per kernel table; $OUT gets them as one (8 files max)
+mkdir -p "$profiles"
+bench=(python3 bench/engine.py --json "$out/engine.json" --results "$out/RESULTS.md")
+quiet=(grep --line-buffered -v Warning)
+status=0
+case "${1:-sizes}" in
+  sizes)
+    # The tests hold the GPU lock while they run (taken here, then pytest is exec'd holding
+    # it); the benchmark takes it only to time, after its builds, so the two share the call
+    # without sharing a timing.
+    timeout 560 python3 -c "$locked" "$lock" -m pytest -p no:cacheprovider -m gpu -q -rA \
+      tests/test_engines_inductor.py >"$out/pytest.log" 2>&1 &
+    tests=$!
+    sleep 2
+    timeout 560 "${bench[@]}" --sizes 608x608,1152x768,1920x1280 --batches 1,8 --iters 20 \
+      --eager-warmup 2 --eager-iters 10 --deadline 420 --gpu-lock "$lock" \
+      --title "Input sizes" 2>&1 | "${quiet[@]}" | tee "$out/bench.log"
+    status=${PIPESTATUS[0]}
+    wait "$tests"
+    tests=$?
+    tail -n 30 "$out/pytest.log"
+    echo "pytest exit $tests, bench exit $status"
+    status=$((tests || status))
     ;;
-  warm)
-    timeout 400 python3 bench/engine.py --sizes 1152x768 --batches 1,8 --iters 20 \
-      --engine "1152x768=$engine" --warm-start --json "$out/engine_warm.json" \
-      --results "$out/RESULTS.md" 2>&1 | tee "$out/bench_warm.log"
+  variants)
+    timeout 570 "${bench[@]}" --sizes 1152x768 --batches 1,8 --iters 20 --eager-iters 10 \
+      --variants baseline,fold-masks,linear-relu,fold-masks+linear-relu --deadline 400 \
+      --warm-start baseline,fold-masks+linear-relu --profile "$profiles" \
+      --title "Engine passes" 2>&1 | "${quiet[@]}" | tee "$out/bench.log"
+    status=${PIPESTATUS[0]}
+    ;;
+  tuning)
+    both=fold-masks+linear-relu
+    timeout 570 "${bench[@]}" --sizes 1152x768 --batches 1 --iters 20 --eager fp32 \
+      --variants "$both,$both+tune-pointwise,$both+autotune-gemm" --deadline 480 \
+      --profile "$profiles" --title "Inductor tuning" 2>&1 | "${quiet[@]}" | tee "$out/bench.log"
+    status=${PIPESTATUS[0]}
+    ;;
+  main)
+    timeout 560 "${bench[@]}" --sizes 1152x768 --batches 1,8 --iters 20 --profile "$profiles" \
+      --warm-start baseline 2>&1 | "${quiet[@]}" | tee "$out/bench.log"
+    status=${PIPESTATUS[0]}
     ;;
   swin)
     { timeout 90 python3 bench/swin_attention.py --batch 1 --stages 1,3 --kernels
       timeout 50 python3 bench/swin_attention.py --batch 8 --stages 1 --variants explicit,sdpa
-    } 2>&1 | grep -v Warning | tee "$out/swin.log"
-    timeout 320 python3 bench/engine.py --sizes 1152x768 --batches 1 --iters 20 \
-      --profile "$out" --json "$out/engine.json" --results "$out/RESULTS.md" 2>&1 | tee "$out/bench.log"
+    } 2>&1 | "${quiet[@]}" | tee "$out/swin.log"
+    timeout 320 "${bench[@]}" --sizes 1152x768 --batches 1 --iters 20 --profile "$profiles" \
+      2>&1 | "${quiet[@]}" | tee "$out/bench.log"
+    status=${PIPESTATUS[0]}
+    ;;
+  *)
+    echo "usage: bash bench/device_engine.sh sizes|variants|tuning|main|swin" >&2
+    exit 2
     ;;
 esac
+if compgen -G "$profiles/*.txt" >/dev/null; then tail -n +1 "$profiles"/*.txt >"$out/profiles.txt"; fi
+exit "$status"

@@ -1,13 +1,17 @@
-"""Engine benchmark: PyTorch FP32 eager, FP16 eager, the Inductor FP16 engine and TensorRT, side by
-side on one GPU, at several input sizes and batch sizes. Numerics first, then speed.
+"""Engine benchmark: PyTorch FP32 eager, FP16 eager, Inductor FP16 engines (+ CUDA graph) and
+TensorRT, side by side on one GPU, at several input sizes, batch sizes and engine variants.
 
-    python bench/engine.py --engine 1152x768=/tmp/eng_1152 --sizes 1152x768 --batches 1,8
+    python bench/engine.py --sizes 608x608,1152x768,1920x1280 --batches 1,8
+    python bench/engine.py --sizes 1152x768 --variants baseline,fold-masks+linear-relu
 
-A size without a prebuilt `--engine` is built here (`build_engine`, FP16 Inductor). Each variant
-is timed with CUDA events (median of --iters after --warmup runs, one seeded random batch).
-FLOPs per image scale the FlopCounterMode count (shared/spec/flops.md: 2.525 TFLOP at 1152x768,
-matmul/conv only) by pixels; the peak is the H100/H200 SXM dense FP16 tensor-core rate.
-The table goes to stdout, the JSON to --json, and a section into bench/RESULTS.md.
+Numerics first (drift and top-k agreement against FP32 eager on one seeded batch), then the
+median of --iters CUDA-event timings after --warmup runs. The Inductor engines are built in
+parallel worker processes and timed one at a time (bench/engine_jobs.py); then this process
+times the eager rows. A variant is '+'-joined engine passes (compile/engines/passes.py) and
+Inductor option presets (engine_jobs.OPTION_PRESETS); "baseline" is the plain engine.
+FLOPs per image are counted at each size (FlopCounterMode on fake tensors: matmul, conv and
+attention, as shared/spec/flops.md); the peak is the H100/H200 SXM dense FP16 tensor-core rate.
+The table goes to stdout, the JSON to --json, and a section into --results.
 """
 
 from __future__ import annotations
@@ -15,46 +19,40 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
+import os
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # engine_jobs, also under runpy
 from codetr_stream.compile import build_model
-from codetr_stream.compile.configs import BUILTIN
-from codetr_stream.compile.engines import build_engine, load_engine
+from codetr_stream.compile.engines import load_engine
 from codetr_stream.compile.engines.numerics import compare
 from codetr_stream.compile.engines.precision import PrecisionWrapper
-from codetr_stream.compile.export import example_inputs
+from codetr_stream.compile.export import check_input_size, example_inputs
+from engine_jobs import (
+    Job,
+    Outcome,
+    gpu_lock,
+    median_ms,  # also what bench/swin_attention.py imports from here
+    parse_variant,
+    peak_gib,
+    reset_peak,
+    run_jobs,
+    top_kernels,
+    weights_checksum,
+)
 
-FLOP_1152x768 = 2.525e12
+FLOP_1152x768 = 2.525e12  # shared/spec/flops.md, the fallback of model_flops
 PEAK_FP16 = 989.4e12  # H100 SXM dense FP16/BF16; the H200 has the same tensor cores
 SECTION = "## Engine benchmark (bench/engine.py)"
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def flops_per_image(hw: tuple[int, int]) -> float:
-    return FLOP_1152x768 * hw[0] * hw[1] / (768 * 1152)
-
-
-def median_ms(fn: Any, warmup: int, iters: int) -> float:
-    """Median GPU time of fn() over `iters` runs, each bracketed by CUDA events."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -62,105 +60,138 @@ def parse_size(text: str) -> tuple[int, int]:
     return h, w
 
 
-def warm_start_seconds(engine_dir: Path) -> float:
-    """Seconds for a fresh process with empty compiler caches to load the engine and infer once:
-    what a daemon start costs with the engine's saved Inductor cache."""
+def model_flops(config: str, hw: tuple[int, int]) -> float:
+    """Matmul + conv + attention FLOPs of one image at `hw`, counted on fake tensors (no memory,
+    seconds on the CPU); SDPA counted as its two matmuls."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    def sdpa(query: Any, key: Any, value: Any, *args: Any, **kwargs: Any) -> int:
+        return sdpa_flop_count(query, key, value)
+
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: sdpa}
+    with FakeTensorMode():
+        model = build_model(config, device="cpu")
+        images = torch.randn(1, 3, *hw)
+        masks = torch.zeros(1, *hw, dtype=torch.bool)
+        counter = FlopCounterMode(display=False, custom_mapping=mapping)
+        with counter, torch.inference_mode():
+            model(images, masks)
+    return float(counter.get_total_flops())
+
+
+def warm_start(engine_dir: Path) -> str:
+    """A daemon start with the engine's saved Inductor cache: a fresh process with empty local
+    compiler caches loads the engine and infers once. Says how long, and whether Inductor found
+    every graph in the cache (a miss means the start recompiled)."""
     code = ("import time, torch; t = time.perf_counter();"
             "from codetr_stream.compile.engines import load_engine;"
             "from codetr_stream.compile.export import example_inputs;"
             f"e = load_engine({str(engine_dir)!r}); b = e.manifest.batch_sizes[0];"
-            "e.infer(*example_inputs(b, e.input_hw, e.device)); torch.cuda.synchronize();"
-            "print(time.perf_counter() - t)")
-    import os
-    import tempfile
-
+            "e.infer(*example_inputs(b, e.input_hw, e.device));"
+            "torch.cuda.synchronize() if torch.cuda.is_available() else None;"
+            "from torch._dynamo.utils import counters; c = counters['inductor'];"
+            "print(time.perf_counter() - t, c['fxgraph_cache_hit'], c['fxgraph_cache_miss'],"
+            " c['fxgraph_cache_bypass'])")
     with tempfile.TemporaryDirectory() as fresh:
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=f"{fresh}/inductor",
                    TRITON_CACHE_DIR=f"{fresh}/triton")
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                             text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+                             text=True)
+    if out.returncode != 0:
+        return f"warm start failed: {out.stderr.strip()[-300:]}"
+    seconds, hit, miss, bypass = out.stdout.strip().splitlines()[-1].split()
+    return (f"warm start (fresh process, empty local caches, the engine's saved Inductor "
+            f"cache): load + first inference {float(seconds):.1f} s; FX graph cache {hit} hit, "
+            f"{miss} miss, {bypass} bypass")
 
 
-def bench_runs(model: torch.nn.Module, hw: tuple[int, int], batches: list[int],
-               runs: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Numerics (vs FP32 eager on the same seeded batch) then median latency, per variant."""
-    rows = []
+def eager_rows(model: torch.nn.Module, fp16: torch.nn.Module | None, hw: tuple[int, int],
+               batch: int, engines: list[Outcome], extra: dict[str, Any],
+               args: argparse.Namespace) -> list[dict[str, Any]]:
+    """FP32 eager is the reference: every other row of this (size, batch) is compared with it."""
     device = next(model.parameters()).device
-    for batch in batches:
-        images, masks = example_inputs(batch, hw, device, seed=1)
-        with torch.inference_mode():
-            reference = model(images, masks)
-            for name, run in runs.items():
-                row: dict[str, Any] = {"size": f"{hw[1]}x{hw[0]}", "batch": batch,
-                                       "variant": name}
-                try:
-                    row.update(compare(reference, run(images, masks)))
-                    row["ms"] = median_ms(lambda run=run, i=images, m=masks: run(i, m),
-                                          args.warmup,
-                                          args.iters)
-                except (RuntimeError, ValueError, KeyError) as exc:  # e.g. OOM, no such batch
-                    row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+    size = f"{hw[1]}x{hw[0]}"
+    images, masks = example_inputs(batch, hw, device, seed=1)
+    rows: list[dict[str, Any]] = []
+    reference = None
+    with torch.inference_mode():
+        runs = {"eager fp32": model, **({"eager fp16": fp16} if fp16 is not None else {}), **extra}
+        try:
+            reference = tuple(t.cpu() for t in model(images, masks))
+        except torch.cuda.OutOfMemoryError as exc:  # reported in the table, the rest goes on
+            torch.cuda.empty_cache()
+            rows.append({"size": size, "batch": batch, "variant": "eager fp32", "error":
+                         f"skipped: GPU out of memory ({str(exc).splitlines()[0][:100]})"})
+            runs.pop("eager fp32")
+        if "fp32" not in args.eager.split(","):
+            runs.pop("eager fp32", None)
+        for name, run in runs.items():
+            row: dict[str, Any] = {"size": size, "batch": batch, "variant": name}
+            try:
+                outputs = run(images, masks)
+                if reference is not None:
+                    row.update(compare(reference, outputs))
+                del outputs
+                reset_peak(device)
+                row["ms"] = median_ms(lambda run=run: run(images, masks), args.eager_warmup,
+                                      args.eager_iters)
+                row["gib"] = peak_gib(device)
+            except (RuntimeError, ValueError, KeyError) as exc:  # e.g. OOM, no such batch
+                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+                if device.type == "cuda":
                     torch.cuda.empty_cache()
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    for outcome in engines:
+        row = {"size": size, "batch": batch,
+               "variant": f"inductor {outcome.job.precision} {outcome.job.variant}"}
+        if outcome.error is not None:
+            row["error"] = outcome.error
+        else:
+            row.update(ms=outcome.ms, gib=outcome.info.get("gib"))
+            if reference is not None:
+                row.update(compare(reference, outcome.outputs))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     return rows
 
 
-def add_ratios(rows: list[dict[str, Any]]) -> None:
+def add_ratios(rows: list[dict[str, Any]], flops: dict[str, float]) -> None:
     """Throughput, fraction of FP16 peak and speed-ups over the eager rows of the same shape."""
     base = {(r["size"], r["batch"], r["variant"]): r.get("ms") for r in rows}
     for r in rows:
         if "ms" not in r:
             continue
-        hw = parse_size(r["size"])
-        flop = flops_per_image(hw) * r["batch"]
         r["images_per_s"] = round(1000 * r["batch"] / r["ms"], 1)
-        r["peak_fraction"] = round(flop / (r["ms"] / 1000) / PEAK_FP16, 4)
+        r["peak_fraction"] = round(flops[r["size"]] * r["batch"] / (r["ms"] / 1000) / PEAK_FP16,
+                                   4)
         for ref in ("eager fp32", "eager fp16"):
             ref_ms = base.get((r["size"], r["batch"], ref))
             if ref_ms:
                 r[f"speedup_vs_{ref.split()[1]}"] = round(ref_ms / r["ms"], 2)
 
 
-def top_kernels(fn: Any, steps: int = 3, limit: int = 25) -> str:
-    """torch.profiler: the GPU kernels that take the most time, with their share."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            fn()
-        torch.cuda.synchronize()
-    events = [e for e in prof.key_averages()
-              if getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) > 0]
-    def own(e: Any) -> float:
-        return getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))
-    total = sum(own(e) for e in events) or 1.0
-    events.sort(key=own, reverse=True)
-    lines = [f"GPU busy {total / 1000 / steps:.2f} ms per run over {len(events)} kernel kinds"]
-    for e in events[:limit]:
-        lines.append(f"{100 * own(e) / total:5.1f}%  {own(e) / 1000 / steps:8.3f} ms  "
-                     f"x{e.count // steps:<4} {e.key[:110]}")
-    return "\n".join(lines)
-
-
 def table(rows: list[dict[str, Any]]) -> str:
     head = ("| size | batch | variant | median ms | img/s | x FP32 | x FP16 eager | "
-            "% FP16 peak | score drift | top-10 / top-100 agree | box drift px |")
-    lines = [head, "|" + " --- |" * 11]
+            "% FP16 peak | GPU GiB | score drift | top-10 / top-100 agree | box drift px |")
+    lines = [head, "|" + " --- |" * 12]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['size']} | {r['batch']} | {r['variant']} | {r['error']} |"
-                         + " |" * 7)
+                         + " |" * 8)
             continue
+        numerics = "no FP32 reference | |"
+        if "score_max_abs" in r:  # top-k keys follow the model's K (top10/top100, tiny: top50)
+            ks = sorted(int(k[3:-10]) for k in r if k[:3] == "top" and k.endswith("_agreement"))
+            numerics = (f"{r['score_max_abs']:.2e} | "
+                        + " / ".join(f"{r[f'top{k}_agreement']:.3f}" for k in ks)
+                        + f" | {r[f'top{ks[-1]}_box_drift_px']:.2f}")
         lines.append(
             f"| {r['size']} | {r['batch']} | {r['variant']} | {r['ms']:.2f} | "
             f"{r['images_per_s']} | {r.get('speedup_vs_fp32', '')} | "
             f"{r.get('speedup_vs_fp16', '')} | {100 * r['peak_fraction']:.1f} | "
-            f"{r['score_max_abs']:.2e} | {r['top10_agreement']:.3f} / "
-            f"{r['top100_agreement']:.3f} | {r['top100_box_drift_px']:.2f} |")
+            f"{'' if r.get('gib') is None else r['gib']} | {numerics} |")
     return "\n".join(lines)
 
 
@@ -174,110 +205,161 @@ def write_results(path: Path, text: str) -> None:
     path.write_text(old.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="co_dino_swin_l")
     p.add_argument("--sizes", default="1152x768", help="comma list of WxH")
     p.add_argument("--batches", default="1,8")
+    p.add_argument("--variants", default="baseline",
+                   help="comma list of Inductor engine variants, e.g. "
+                        "baseline,fold-masks,linear-relu,fold-masks+linear-relu")
+    p.add_argument("--eager", default="fp32,fp16", help="eager rows to time (fp32 is the "
+                   "numerics reference and always runs once)")
     p.add_argument("--engine", action="append", default=[], metavar="WxH=DIR",
-                   help="prebuilt Inductor engine for a size (else built here)")
+                   help="prebuilt Inductor engine for a size (its batch sizes; else built here)")
     p.add_argument("--tensorrt", action="append", default=[], metavar="WxH=DIR",
                    help="prebuilt TensorRT engine for a size")
-    p.add_argument("--warm-start", action="store_true",
-                   help="also time a fresh-process engine load (the daemon's warm start)")
+    p.add_argument("--parallel", type=int, default=0,
+                   help="engines built at once (default: all)")
+    p.add_argument("--warm-start", default="", metavar="VARIANTS",
+                   help="comma list of variants whose first engine a fresh process then loads")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--eager-warmup", type=int, default=None, help="default: --warmup")
+    p.add_argument("--eager-iters", type=int, default=None, help="default: --iters")
+    p.add_argument("--deadline", type=float, default=3600,
+                   help="seconds from the start after which unfinished engine builds are "
+                        "stopped (and timing goes on without --gpu-lock)")
+    p.add_argument("--gpu-lock", default=None, metavar="PATH",
+                   help="flock to hold while timing (a concurrent GPU test holds it)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument("--precision", default="fp16", choices=("fp16", "fp32"),
+                   help="of the Inductor engines")
+    p.add_argument("--title", default="", help="a ### heading for the results section")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--profile", type=Path, default=None,
-                   help="folder for torch.profiler top-kernel tables (Inductor, FP16 eager)")
+                   help="folder for torch.profiler top-kernel tables (engines, FP16 eager)")
     p.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench/engine.py needs a CUDA GPU", file=sys.stderr)
-        return 2
-    device = torch.device("cuda", torch.cuda.current_device())
-    batches = [int(b) for b in args.batches.split(",")]
+    args.eager_warmup = args.warmup if args.eager_warmup is None else args.eager_warmup
+    args.eager_iters = args.iters if args.eager_iters is None else args.eager_iters
+    return args
+
+
+def make_jobs(args: argparse.Namespace) -> list[Job]:
+    """Every (variant, size, batch) engine; prebuilt engines stand for the baseline variant."""
+    from codetr_stream.compile.configs import parse_config
+
+    cfg = parse_config(args.config)
     prebuilt = dict(e.split("=", 1) for e in args.engine)
-    trt_dirs = dict(e.split("=", 1) for e in args.tensorrt)
+    batches = [int(b) for b in args.batches.split(",")]
+    jobs = []
+    for variant in args.variants.split(","):
+        parse_variant(variant)  # a clear error before any build
+        for size in args.sizes.split(","):
+            check_input_size(cfg, parse_size(size))
+            for batch in batches:
+                if variant == "baseline" and size in prebuilt:
+                    directory, built = prebuilt[size], True
+                else:
+                    name = f"{size}_b{batch}_{variant.replace('+', '-')}"
+                    directory, built = f"/tmp/codetr_bench_engine_{name}", False
+                jobs.append(Job(size, parse_size(size), batch, variant, directory, args.config,
+                                args.seed, args.warmup, args.iters, built,
+                                str(args.profile) if args.profile else None, args.device,
+                                args.precision))
+    return jobs
+
+
+def build_notes(outcomes: list[Outcome], checksum: float) -> list[str]:
+    notes = []
+    for o in outcomes:
+        if "build_s" in o.info:
+            notes.append(f"{o.job.key}: built in {o.info['build_s']} s (cold compile "
+                         f"{o.info['compile_s']} s), pass sites {o.info['pass_sites'] or 'none'}")
+        if "checksum" in o.info and abs(o.info["checksum"] - checksum) > 1e-6 * abs(checksum):
+            notes.append(f"{o.job.key}: WARNING its seeded weights differ from this process's")
+    return notes
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench/engine.py needs a CUDA GPU (--device cpu: a smoke run of the script "
+              "with --precision fp32 --eager fp32)", file=sys.stderr)
+        return 2
+    started = time.monotonic()
+    jobs = make_jobs(args)
+    sizes = args.sizes.split(",")
+    flops, how = {}, "counted"
+    for size in sizes:
+        try:
+            flops[size] = model_flops(args.config, parse_size(size))
+        except Exception as exc:  # the table still needs a figure: spec's count, pixel-scaled
+            h, w = parse_size(size)
+            flops[size], how = FLOP_1152x768 * h * w / (768 * 1152), f"pixel-scaled ({exc!r})"
+    notes = [f"FLOPs/image ({how}): "
+             + ", ".join(f"{s} {f / 1e12:.3f} T" for s, f in flops.items())]
+    print(notes[0], flush=True)
+    outcomes = run_jobs(jobs, parallel=args.parallel or len(jobs),
+                        deadline=started + args.deadline, lock=args.gpu_lock)
+
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
     torch.manual_seed(args.seed)
     model = build_model(args.config, device=device).eval()
-    fp16 = PrecisionWrapper(copy.deepcopy(model), device, "fp16").eval()
+    notes += build_notes(outcomes, weights_checksum(model))
+    fp16 = (PrecisionWrapper(copy.deepcopy(model), device, "fp16").eval()
+            if "fp16" in args.eager.split(",") else None)
+    trt_dirs = dict(e.split("=", 1) for e in args.tensorrt)
     rows: list[dict[str, Any]] = []
-    notes: list[str] = []
-
-    def emit() -> None:
-        """Write the RESULTS.md section and JSON now (a later step may run out of time)."""
-        device_name = torch.cuda.get_device_name(device)
-        command = "python bench/engine.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        text = "\n".join([
-            SECTION, "",
-            f"{device_name}, torch {torch.__version__}, "
-            f"{datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}; `{command}`; Co-DINO Swin-L with "
-            f"seeded random weights (seed {args.seed}), all-valid masks; median of {args.iters} "
-            "CUDA-event timings after warm-up. Drift/agreement are against FP32 eager on the same "
-            "batch (agreement: share of FP32's top-k found in the variant's top-k, same label, "
-            f"IoU >= 0.9). FLOPs/image {flops_per_image((768, 1152)) / 1e12:.3f} T at 1152x768, "
-            f"scaled by pixels; peak {PEAK_FP16 / 1e12:.1f} TFLOP/s dense FP16.", "",
-            table(rows), "", *[f"- {n}" for n in notes]])
-        print("\n" + text)
-        if args.json:
-            args.json.write_text(json.dumps({"rows": rows, "notes": notes}, indent=2))
-        write_results(args.results, text)
-
-    for size in args.sizes.split(","):
-        hw = parse_size(size)
-        rows += bench_runs(model, hw, batches, {"eager fp32": model, "eager fp16": fp16}, args)
-        engines: dict[str, Any] = {}
-        started = time.perf_counter()
-        try:
-            if size in prebuilt:
-                engines["inductor fp16"] = load_engine(prebuilt[size], device)
-                notes.append(f"{size}: Inductor engine {prebuilt[size]} loaded in "
-                             f"{time.perf_counter() - started:.1f} s (this process)")
-            else:
-                out = Path(f"/tmp/codetr_bench_engine_{size}")
-                engines["inductor fp16"], manifest = build_engine(
-                    model, out, backend="inductor", precision="fp16", input_hw=hw,
-                    batch_sizes=batches, config_name=args.config,
-                    config=BUILTIN[args.config](), device=device, seed=args.seed)
-                prebuilt[size] = str(out)
-                notes.append(f"{size}: Inductor engine built in {time.perf_counter() - started:.1f}"
-                             f" s (export + cold compile per batch "
-                             f"{manifest.measured['compile_seconds']} s)")
-        except Exception as exc:  # report the eager numbers even if the engine fails
-            notes.append(f"{size}: Inductor engine failed: {type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0][:300] if str(exc) else ''}")
-            import traceback
-
-            traceback.print_exc()
-        if size in trt_dirs:
-            engines["tensorrt fp16"] = load_engine(trt_dirs[size], device)
-        runs = {name: engine.infer for name, engine in engines.items()}
-        rows += bench_runs(model, hw, batches, runs, args)
-        if args.profile and "inductor fp16" in engines:
-            engine = engines["inductor fp16"]
-            for b in batches:
-                images, masks = example_inputs(b, hw, device, seed=1)
-                for name, fn in (("inductor", engine._graphs[b].fn), ("eager_fp16", fp16)):
+    with gpu_lock(args.gpu_lock, started + args.deadline):
+        for size in sizes:
+            hw = parse_size(size)
+            extra = {}
+            if size in trt_dirs:
+                extra["tensorrt fp16"] = load_engine(trt_dirs[size], device).infer
+            for batch in sorted({int(b) for b in args.batches.split(",")}):
+                mine = [o for o in outcomes if o.job.size == size and o.job.batch == batch]
+                rows += eager_rows(model, fp16, hw, batch, mine, extra, args)
+                if args.profile and fp16 is not None:
+                    images, masks = example_inputs(batch, hw, device, seed=1)
                     with torch.inference_mode():
-                        text = top_kernels(lambda fn=fn, i=images, m=masks: fn(i, m))
-                    (args.profile / f"profile_{name}_{size}_b{b}.txt").write_text(text + "\n")
-                    print(f"--- {name} {size} batch {b}\n{text}", flush=True)
-        del engines
-        torch.cuda.empty_cache()
-        add_ratios(rows)
-        emit()
-        if args.warm_start and size in prebuilt:
-            try:
-                seconds = warm_start_seconds(Path(prebuilt[size]))
-                notes.append(f"{size}: daemon warm start (fresh process, empty local compiler "
-                             f"caches, the engine's saved Inductor cache): load + first "
-                             f"inference {seconds:.1f} s")
-            except subprocess.CalledProcessError as exc:
-                notes.append(f"{size}: warm start failed: {exc.stderr.strip()[-300:]}")
-            emit()
+                        text = top_kernels(lambda i=images, m=masks: fp16(i, m))
+                    (args.profile / f"profile_{size}_b{batch}_eager-fp16.txt").write_text(text)
+            add_ratios(rows, flops)
+            emit(args, argv, device, rows, notes)  # now: a later step may run out of time
+    for variant in filter(None, args.warm_start.split(",")):
+        done = [o for o in outcomes if o.job.variant == variant and o.error is None]
+        if done:
+            notes.append(f"{done[0].job.key}: {warm_start(Path(done[0].job.engine_dir))}")
+            print(notes[-1], flush=True)
+    notes.append(f"whole run {time.monotonic() - started:.0f} s")
+    emit(args, argv, device, rows, notes)
     return 0
+
+
+def emit(args: argparse.Namespace, argv: list[str] | None, device: torch.device,
+         rows: list[dict[str, Any]], notes: list[str]) -> None:
+    """The RESULTS.md section (printed too) and the JSON."""
+    command = "python bench/engine.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    text = "\n".join([
+        SECTION, "", *([f"### {args.title}", ""] if args.title else []),
+        f"{where}, torch {torch.__version__}, {when}; `{command}`; model {args.config} with "
+        f"seeded random weights (seed {args.seed}), all-valid masks; median of {args.iters} "
+        f"(eager: {args.eager_iters}) CUDA-event timings after warm-up. Drift/agreement are "
+        "against FP32 eager on the same batch (agreement: share of FP32's top-k found in the "
+        "variant's top-k, same label, IoU >= 0.9). GPU GiB: eager, the peak while timed; an "
+        f"engine, all its process holds. Peak {PEAK_FP16 / 1e12:.1f} TFLOP/s dense FP16.", "",
+        table(rows), "", *[f"- {n}" for n in notes]])
+    print("\n" + text, flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "notes": notes}, indent=2))
+    write_results(args.results, text)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The Inductor backend: its FP32 engine equals eager (CPU); on the GPU its FP16 engine tracks
-FP32 eager and a fresh process starts from the engine's saved compile cache."""
+FP32 eager and a fresh process starts from the engine's saved compile cache. Both with and
+without the engine graph passes (compile/engines/passes.py)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,20 @@ from pathlib import Path
 import pytest
 import torch
 from codetr_stream.compile import build_model
-from codetr_stream.compile.engines import build_engine
+from codetr_stream.compile.engines import Manifest, build_engine
 from codetr_stream.compile.engines.precision import PrecisionWrapper
 from codetr_stream.compile.export import example_inputs
 from engine_helpers import score_drift_in_fresh_process
 
 HW = (128, 160)
+PASSES = pytest.mark.parametrize("passes", [[], ["fold-masks", "linear-relu"]],
+                                 ids=["baseline", "passes"])
+# A fresh process that recompiles instead of reading the engine's saved cache still gets the
+# right answer, only minutes later; at exit this turns a recompile into exit code 3.
+NO_RECOMPILE = ("import atexit, os; from torch._dynamo.utils import counters;"
+                "atexit.register(lambda c=counters['inductor']: (c['fxgraph_cache_miss'] or"
+                " c['fxgraph_cache_bypass']) and (print('recompiled, not from the cache:',"
+                " dict(c), file=sys.stderr, flush=True), os._exit(3)));")
 
 
 def _tiny(data_dir: Path) -> tuple[torch.nn.Module, dict]:
@@ -38,13 +47,20 @@ def _assert_parity(got: tuple, want: tuple) -> None:
 
 
 @pytest.mark.slow
-def test_fp32_inductor_engine_equals_eager(data_dir: Path, tmp_path: Path) -> None:
+@PASSES
+def test_fp32_inductor_engine_equals_eager(data_dir: Path, tmp_path: Path,
+                                           passes: list[str]) -> None:
     """One batch size only: every compiled shape costs minutes of C++ builds on 2 CPU cores."""
     model, config = _tiny(data_dir)
     engine, manifest = build_engine(model, tmp_path, backend="inductor", precision="fp32",
                                     input_hw=HW, batch_sizes=[1], config_name="tiny",
-                                    config=config, device="cpu")
+                                    config=config, device="cpu", passes=passes)
     assert {"program_b1", "inductor_cache", "config"} <= manifest.files.keys()
+    assert Manifest.load(tmp_path).passes == passes  # re-applied by every load
+    assert ("--passes fold-masks,linear-relu" in manifest.rebuild_command(tmp_path)) == bool(
+        passes)
+    if passes:
+        assert engine.pass_sites == {"fold-masks": 5, "linear-relu": 14}
     images, masks = _inputs(1, "cpu")
     with torch.no_grad():
         want = model(images, masks)
@@ -52,22 +68,26 @@ def test_fp32_inductor_engine_equals_eager(data_dir: Path, tmp_path: Path) -> No
 
 
 @pytest.mark.gpu
+@PASSES
 def test_fp16_engine_tracks_fp32_eager_and_restarts_from_its_cache(data_dir: Path,
-                                                                   tmp_path: Path) -> None:
+                                                                   tmp_path: Path,
+                                                                   passes: list[str]) -> None:
     model, config = _tiny(data_dir)
     model = model.cuda()
     build_engine(model, tmp_path, backend="inductor", precision="fp16", input_hw=HW,
-                 batch_sizes=[1, 2], config_name="tiny", config=config, device="cuda")
+                 batch_sizes=[1, 2], config_name="tiny", config=config, device="cuda",
+                 passes=passes)
     images, masks = _inputs(2, "cuda")
     with torch.no_grad():
         want = model(images, masks)
         half = PrecisionWrapper(copy.deepcopy(model), torch.device("cuda"), "fp16")
         eager_drift = (half(images, masks)[1] - want[1]).abs().max().item()
     # A fresh process with empty compiler caches: load_engine restores the engine's saved
-    # Inductor cache (Triton kernels included) and runs the CUDA graphs.
+    # Inductor cache (Triton kernels included), finds every graph in it, runs the CUDA graphs.
     fresh = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "fresh" / "inductor"),
              "TRITON_CACHE_DIR": str(tmp_path / "fresh" / "triton")}
-    drift = score_drift_in_fresh_process(tmp_path, images, masks, want, env=fresh)
+    drift = score_drift_in_fresh_process(tmp_path, images, masks, want, setup=NO_RECOMPILE,
+                                         env=fresh)
     # The random tiny model's FP16 noise is its own (0.035 seen on an H200): the engine must be
     # no worse than PyTorch's own FP16 run of the same weights, not meet a fixed number.
     assert drift <= 2 * eager_drift + 5e-3, (drift, eager_drift)

@@ -4,9 +4,11 @@ Files: `program.pt2` (torch.export.save; one dynamic-batch program, or `program_
 the batch does not export dynamically), `inductor_cache.bin` (Inductor's portable compile cache,
 `torch.compiler.save_cache_artifacts`, so a daemon start skips codegen and autotuning), and
 optionally `aoti_b{N}.pt2` AOTInductor packages where the installed torch can load them.
-FP16 follows `precision.py` (FP16 matrix weights + autocast). At load, each batch size is
-compiled (`torch.compile(fullgraph=True)`, static shapes), warmed up and captured in a CUDA graph;
-`infer` copies into the graph's static inputs, replays, and clones the outputs.
+FP16 follows `precision.py` (FP16 matrix weights + autocast). At load, the manifest's graph
+passes (`passes.py`) rewrite the program's module, then each batch size is compiled
+(`torch.compile(fullgraph=True)` with the manifest's Inductor options, static shapes), warmed up
+and captured in a CUDA graph; `infer` copies into the graph's static inputs, replays, and clones
+the outputs.
 """
 
 from __future__ import annotations
@@ -17,12 +19,18 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from codetr_stream.compile.engines.base import Engine, Outputs
 from codetr_stream.compile.engines.eager import save_config
 from codetr_stream.compile.engines.manifest import Manifest
-from codetr_stream.compile.engines.precision import PrecisionWrapper, drop_dtype_asserts
+from codetr_stream.compile.engines.passes import apply_passes, check_passes
+from codetr_stream.compile.engines.precision import (
+    PrecisionWrapper,
+    compute_dtype,
+    drop_dtype_asserts,
+)
 from codetr_stream.compile.export import example_inputs, export_for_batches, export_model
 from torch import Tensor, nn
 
@@ -39,8 +47,14 @@ def _program_files(batch_sizes: list[int], shared: bool) -> dict[int, str]:
 
 
 def build(model: nn.Module, out_dir: Path, manifest: Manifest, device: torch.device, *,
-          aoti: bool = False) -> InductorEngine:
-    """Export, save, compile every batch size (filling Inductor's cache) and save the cache."""
+          aoti: bool = False, passes: tuple[str, ...] | list[str] = (),
+          inductor_options: dict[str, Any] | None = None) -> InductorEngine:
+    """Export, save, compile every batch size (filling Inductor's cache) and save the cache.
+
+    `passes` (names from passes.py) and `inductor_options` (torch.compile options) are recorded
+    in the manifest and re-applied at every load."""
+    manifest.passes = check_passes(passes)
+    manifest.inductor_options = dict(inductor_options or {})
     save_config(out_dir, manifest)
     programs = export_for_batches(model, manifest.input_hw, manifest.batch_sizes, device)
     shared = len({id(p) for p in programs.values()}) == 1 and len(programs) > 1
@@ -53,6 +67,8 @@ def build(model: nn.Module, out_dir: Path, manifest: Manifest, device: torch.dev
                           else "batch exported static (one program per batch size)")
     engine = InductorEngine(out_dir, manifest, device, programs=programs)
     manifest.measured["compile_seconds"] = engine.compile_seconds
+    if engine.pass_sites:
+        manifest.measured["pass_sites"] = engine.pass_sites
     saved = torch.compiler.save_cache_artifacts()
     if saved is not None:
         (out_dir / CACHE_FILE).write_bytes(saved[0])
@@ -67,6 +83,7 @@ class InductorEngine(Engine):
                  programs: dict[int, torch.export.ExportedProgram] | None = None) -> None:
         super().__init__(path, manifest, device)
         self.compile_seconds: dict[str, float] = {}
+        self.pass_sites: dict[str, int] = {}
         self._graphs: dict[int, _Graph] = {}
         self._runners: dict[int, Callable[[Tensor, Tensor], Outputs]] = {}
         self.modules: dict[int, PrecisionWrapper] = {}
@@ -84,7 +101,9 @@ class InductorEngine(Engine):
             if name not in prepared:
                 program = programs[b] if programs else _load_program(self.path / name)
                 module = self._prepare(program)
-                prepared[name] = module, torch.compile(module, fullgraph=True, dynamic=False)
+                prepared[name] = module, torch.compile(
+                    module, fullgraph=True, dynamic=False,
+                    options=dict(manifest.inductor_options) or None)
             self.modules[b], fn = prepared[name]
             started = time.perf_counter()
             self._graphs[b] = _Graph(fn, b, manifest.input_hw, device)
@@ -96,7 +115,11 @@ class InductorEngine(Engine):
             drop_dtype_asserts(module)
         for param in module.parameters():
             param.requires_grad_(False)
-        return PrecisionWrapper(module, self.device, self.manifest.precision)
+        wrapped = PrecisionWrapper(module, self.device, self.manifest.precision)
+        # After the FP16 weight copies: folded masks are computed from the weights as they run.
+        self.pass_sites = apply_passes(module, self.manifest.passes,
+                                       compute_dtype(self.manifest.precision))
+        return wrapped
 
     def _run(self, images: Tensor, masks: Tensor) -> Outputs:
         graph = self._graphs.get(images.shape[0])

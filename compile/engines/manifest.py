@@ -60,6 +60,10 @@ class Manifest:
     build_seconds: float = 0.0
     measured: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # Inductor: graph passes (engines/passes.py) and torch.compile options, re-applied at every
+    # load so that the graph, and with it the saved compile cache's key, is the build's.
+    passes: list[str] = field(default_factory=list)
+    inductor_options: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     def save(self, engine_dir: Path) -> Path:
@@ -109,6 +113,8 @@ class Manifest:
                 "--precision", self.precision, "--size", f"{w}x{h}",
                 "--batch", ",".join(map(str, self.batch_sizes)),
                 "--backend", self.backend, "--out", str(engine_dir)]
+        if self.passes:
+            argv[-2:-2] = ["--passes", ",".join(self.passes)]
         return shlex.join(argv)
 
     def check_compatible(self, engine_dir: Path | str, device: str | None = None) -> None:

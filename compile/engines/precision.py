@@ -52,6 +52,11 @@ def autocast(device: torch.device, precision: str) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.float16, enabled=precision == "fp16")
 
 
+def compute_dtype(precision: str) -> torch.dtype | None:
+    """The dtype autocast computes matrix ops in under `precision` (None: the tensors' own)."""
+    return torch.float16 if precision == "fp16" else None
+
+
 class PrecisionWrapper(nn.Module):
     """`module` under the engine precision (FP16 matrices + autocast for "fp16"), outputs as
     FP32 boxes/scores and int64 labels: what the Inductor and TensorRT backends compile."""

@@ -39,13 +39,16 @@ def window_reverse(windows: Tensor, batch: int, h: int, w: int) -> Tensor:
 
 
 def shift_mask(h: int, w: int, window: int, shift: int, device: torch.device) -> Tensor:
-    """(nW, N, N) additive mask: -100 between tokens that came from different regions."""
-    region = torch.zeros(h, w, device=device)
-    count = 0
-    for hs in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
-        for ws in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
-            region[hs, ws] = count
-            count += 1
+    """(nW, N, N) additive mask: -100 between tokens that came from different regions.
+
+    mmdet labels 3 x 3 regions (rows and columns split at -window and -shift) by slice
+    assignment; the same labels come here from comparisons, without in-place writes, so the
+    mask is a pure function of the size that an engine can precompute (engines/passes.py)."""
+    def band(n: int) -> Tensor:  # 0 before the last window, 1 in it before the shift, 2 after
+        i = torch.arange(n, device=device)
+        return (i >= n - window).long() + (i >= n - shift).long()
+
+    region = (band(h)[:, None] * 3 + band(w)[None, :]).float()
     ids = window_partition(region[None, :, :, None], window).squeeze(-1)
     diff = ids[:, None, :] - ids[:, :, None]
     return torch.where(diff != 0, -100.0, 0.0)
