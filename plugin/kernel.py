@@ -157,16 +157,16 @@ class LaunchConfig:
                 "HALF_BILINEAR": self.half_bilinear}
 
 
-# Small calls (decoder: 900 queries) have too few rows to fill 132 SMs with 2 lanes a row;
-# 4 lanes a row doubles the threads at some instruction cost (bench/msda_notes.md).
-SMALL_CALL_ROWS = 32_768
+def launch_config() -> LaunchConfig:
+    """The op's block shape, one for every call.
 
-
-def launch_config(rows: int | None = None) -> LaunchConfig:
-    """Default block shape for B*Q*H = `rows` query rows (None or symbolic: unknown size)."""
-    if isinstance(rows, int) and rows < SMALL_CALL_ROWS:
-        return LaunchConfig(block_q=32, lanes_per_row=4, num_warps=4)
-    return LaunchConfig(block_q=64, lanes_per_row=2, num_warps=4)
+    On an H200 (bench/RESULTS.md, "MSDA kernel") 64 queries a program, 4 lanes a row and 8 warps
+    was the fastest of the sweep at both the encoder shape
+    (277 us vs 460 us at 2 lanes) and the decoder's (13.1 us). Fewer lanes a row cut the
+    instructions per element but not the time: the gathers of the model's real locations
+    are cache-bound at 1-2 lanes a row (notes: bench/msda_notes.md).
+    """
+    return LaunchConfig(block_q=64, lanes_per_row=4, num_warps=8)
 
 
 def ms_deform_attn_triton(
@@ -181,12 +181,12 @@ def ms_deform_attn_triton(
 
     Shapes as the op; spatial_shapes and level_start_index must live on value's device (the
     kernel reads them there, so no host sync is needed and CUDA-graph capture works).
-    config: block shape (default `launch_config` for this call's size; the benchmark's sweep).
+    config: block shape (default `launch_config()`; the benchmark's sweep passes others).
     """
     batch, tokens, heads, dim = value.shape
     _, queries, _, levels, points, _ = sampling_locations.shape
     value = value.contiguous()
-    config = config or launch_config(batch * queries * heads)  # a SymInt when traced dynamic
+    config = config or launch_config()
     if config.half_bilinear and value.dtype != torch.float16:
         raise ValueError(f"half_bilinear needs float16 values, got {value.dtype}")
     out = value.new_empty(batch, queries, heads * dim)
