@@ -41,6 +41,13 @@ def test_bad_input_is_one_line(tmp_path: Path, args: list[str], text: str) -> No
                         str(tmp_path / "e")), text)
 
 
+def test_unknown_engine_pass_names_the_known_ones(tmp_path: Path) -> None:
+    out = cli("compile", *TINY, "--random-weights", "--passes", "fold-masks,fast", "--out",
+              str(tmp_path / "e"))
+    assert out.returncode == 2
+    assert "unknown engine pass(es) ['fast']; known: fold-masks, linear-relu" in out.stderr
+
+
 def test_size_error_names_the_nearest_valid_size(tmp_path: Path) -> None:
     out = cli("compile", *TINY, "--random-weights", "--precision", "fp32", "--size", "390x250",
               "--out", str(tmp_path))
