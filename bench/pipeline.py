@@ -241,8 +241,8 @@ def check_numerics(engine, frame, result, stream_cfg) -> str:
     diff = max((abs(a - b) for a, b in zip(got, want, strict=False)), default=0.0)
     text = f"{diff:.1e}"
     if len(got) != len(want):
-        edge = min(got[len(want):] + want[len(got):])
-        text += (f" ({len(got)} vs {len(want)} detections, unmatched from {edge:.4f}; min_score "
+        edge = max(got[len(want):] + want[len(got):])
+        text += (f" ({len(got)} vs {len(want)} detections, unmatched up to {edge:.4f}; min_score "
                  f"{stream_cfg.min_score})")
     return text
 
