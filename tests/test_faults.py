@@ -84,6 +84,10 @@ def test_killed_server_resumes_within_5s_and_other_cameras_never_pause(engine, t
             wait_for(lambda: rec.det_after("flaky", back), 15, "the camera publishing again")
             resumed = rec.det_after("flaky", back)[0].arrived - back
             wait_for(lambda: len(rec.det_after("steady", back)) >= 5, 10, "steady frames")
+            # The status heartbeat is once a second: the one after the reconnect may trail the
+            # first detections.
+            wait_for(lambda: rec.last_status("flaky")["connected"], 5,
+                     "the status reporting the camera connected again")
             d.sample_http()
     finally:
         steady.stop()
