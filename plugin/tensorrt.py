@@ -1,19 +1,25 @@
 """TensorRT plugin for `codetr::ms_deform_attn`: plugin/kernel.py compiled ahead of time.
 
-`register()` (call it once before building an engine) registers, through TensorRT's Python plugin
-API (`tensorrt.plugin`, TensorRT >= 10.8):
+`register_plugin()` registers, through TensorRT's Python plugin API (`tensorrt.plugin`; AOT
+plugins came with TensorRT 10.9):
 - the plugin's output description: (B, Q, H*D) in value's dtype;
 - an AOT implementation: `msda_fwd_kernel` compiled by Triton to PTX for the build GPU, with its
   launch grid as symbolic shape expressions. TensorRT embeds the PTX in the engine, so the engine
-  runs with no Python and no .so;
-- the Torch-TensorRT converter of `torch.ops.codetr.ms_deform_attn.default` onto that plugin, so a
-  model containing the op compiles to TensorRT with no fallback to PyTorch.
+  runs with no Python, no plugin registration and no .so (NVIDIA's quickly_deployable_plugins
+  sample: "it does not require any Python modules or definitions to be present at runtime").
+`register()` adds the Torch-TensorRT converter of `torch.ops.codetr.ms_deform_attn.default` onto
+that plugin, so a model containing the op compiles to TensorRT with no fallback to PyTorch. Only
+building needs either; loading an engine needs neither.
 
-The kernel keeps TensorRT's AOT calling convention (input pointers, int32 scalars, output
-pointer). H, D, L and P must be static (they are in the model: the kernel specialises on them);
-B, S and Q may be dynamic. Pointers are declared 16-byte aligned (TensorRT's I/O buffers are).
-TensorRT and Torch-TensorRT are imported only inside `register()`. No `from __future__ import
-annotations` here: `tensorrt.plugin` reads the plugin functions' annotations as live objects.
+The kernel keeps TensorRT's AOT calling convention (input pointers, then the int32 `extra_args`,
+then the output pointer: "located after the tensor inputs and before the tensor outputs",
+`tensorrt.plugin.aot_impl` docs). Triton appends two scratch pointers that TensorRT leaves null
+(Torch-TensorRT's kernels/_triton.py); they are unused when their sizes are 0, which
+`compile_kernel` checks. H, D, L and P must be static (they are in the model: the kernel
+specialises on them); B, S and Q may be dynamic. Pointers are declared 16-byte aligned
+(TensorRT's I/O buffers are). TensorRT, Torch-TensorRT and Triton are imported only inside the
+functions. No `from __future__ import annotations` here: `tensorrt.plugin` reads the plugin
+functions' annotations as live objects.
 """
 
 from typing import Any
@@ -22,7 +28,7 @@ OP_NAME = "codetr::ms_deform_attn"
 INPUTS = ("value", "spatial_shapes", "level_start_index", "sampling_locations",
           "attention_weights")
 SCALARS = ("num_tokens", "num_queries", "num_heads")
-_registered = False
+_registered: set[str] = set()
 
 
 def compile_kernel(dtypes: dict[str, str], dim: int, levels: int, points: int,
@@ -61,31 +67,36 @@ def compile_kernel(dtypes: dict[str, str], dim: int, levels: int, points: int,
     )
     compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32),
                               options={"num_warps": config.num_warps})
-    # TensorRT passes no scratch buffers: a kernel that needs one cannot run as an AOT plugin.
-    for field in ("global_scratch_size", "profile_scratch_size"):
-        if getattr(compiled.metadata, field, 0):
-            raise RuntimeError(f"msda_fwd_kernel needs {field}; TensorRT AOT cannot launch it")
+    # TensorRT launches a plain grid of `num_warps * 32` threads with no scratch buffers: a kernel
+    # that needs scratch memory, thread-block clusters, a cooperative or a PDL launch cannot run.
+    unsupported = {"global_scratch_size": 0, "profile_scratch_size": 0, "num_ctas": 1,
+                   "launch_cooperative_grid": False, "launch_pdl": False}
+    for field, plain in unsupported.items():
+        value = getattr(compiled.metadata, field, plain)
+        if value != plain:
+            raise RuntimeError(f"msda_fwd_kernel has {field}={value}: no TensorRT AOT launch")
     return compiled
 
 
 def _static(expr: Any, what: str) -> int:
     if not expr.is_constant:
         raise ValueError(f"{OP_NAME} TensorRT plugin: {what} must be static in the engine")
-    return int(expr.constant_value)
+    return int(expr.constant_value())  # a method of tensorrt.plugin.ShapeExpr, not a property
 
 
-def register() -> None:
-    """Register the plugin and the Torch-TensorRT converter (idempotent)."""
-    global _registered
-    if _registered:
+def register_plugin() -> None:
+    """Register the plugin's description and AOT implementation with TensorRT (idempotent)."""
+    if "plugin" in _registered:
         return
     import codetr_stream.plugin  # noqa: F401  (defines torch.ops.codetr.ms_deform_attn)
     import tensorrt as trt
     import tensorrt.plugin as trtp
     import torch
-    import torch_tensorrt
     from codetr_stream.plugin.kernel import launch_config
 
+    if not hasattr(trtp, "aot_impl"):
+        raise ImportError(f"TensorRT {trt.__version__} has no tensorrt.plugin.aot_impl; the MSDA "
+                          "plugin needs TensorRT 10.9 or newer")
     triton_type = {trt.float32: "fp32", trt.float16: "fp16", trt.bfloat16: "bf16",
                    trt.int64: "i64", trt.int32: "i32"}
 
@@ -121,19 +132,30 @@ def register() -> None:
         major, minor = torch.cuda.get_device_capability()
         compiled = compile_kernel(dtypes, dim, _static(locs[3], "levels L"),
                                   _static(locs[4], "points P"), 10 * major + minor)
-        block_q = launch_config().block_q
         launch = trtp.KernelLaunchParams()
-        launch.grid_x = trtp.cdiv(queries, block_q)
+        launch.grid_x = trtp.cdiv(queries, launch_config().block_q)
         launch.grid_y = trtp.SymInt32(batch * heads)
         launch.block_x = compiled.metadata.num_warps * 32
         launch.shared_mem = compiled.metadata.shared
+        # One SymInt32 per int32 kernel scalar, in SCALARS order (TensorRT requires SymInt32).
         extra_args = trtp.SymIntExprs.from_tuple(
             [trtp.SymInt32(tokens), trtp.SymInt32(queries), trtp.SymInt32(heads)]
         )
         return (compiled.metadata.name.encode(), compiled.asm["ptx"].encode(), launch,
                 extra_args)
 
+    _registered.add("plugin")
+
+
+def register() -> None:
+    """`register_plugin()` plus the Torch-TensorRT converter onto it (idempotent; for building)."""
+    if "converter" in _registered:
+        return
+    register_plugin()
+    import torch_tensorrt
+
+    # With an aot_impl registered, the converter adds the layer with `add_plugin(..., aot=True)`.
     torch_tensorrt.dynamo.conversion.plugins.generate_plugin_converter(
         OP_NAME, supports_dynamic_shapes=True, use_aot_if_available=True
     )
-    _registered = True
+    _registered.add("converter")
