@@ -3,14 +3,15 @@
 Build (needs torch_tensorrt): one static-shape program per batch size goes through
 `torch_tensorrt.dynamo.convert_exported_program_to_serialized_trt_engine`, which turns the whole
 graph into ONE engine or fails: there is no PyTorch fallback segment to hide an unsupported op.
-MSDA reaches TensorRT through the plugin of `codetr_stream.plugin.tensorrt` (its `register()`
-runs first, at build and at load: the plan references the plugin by name). FP16: the program
-is exported with FP16 matrix weights under autocast (precision.py), so the network is strongly
-typed the way the PyTorch engines run; older Torch-TensorRT without explicit typing gets
-`enabled_precisions` instead.
+MSDA reaches TensorRT through the AOT plugin of `codetr_stream.plugin.tensorrt` (its
+`register()` runs before the build). FP16: the program is exported with FP16 matrix weights
+under autocast (precision.py), so the network is strongly typed the way the PyTorch engines run;
+older Torch-TensorRT without explicit typing gets `enabled_precisions` instead.
 
 Run (needs only `tensorrt` and torch): `engine_b{N}.plan` is deserialized with
-`tensorrt.Runtime`, bound to torch tensors by name and enqueued on the current torch stream.
+`tensorrt.Runtime`, bound to torch tensors by name and enqueued on the current torch stream. The
+plugin's kernel is embedded in the plan as PTX, so loading registers nothing and needs neither
+Torch-TensorRT nor Triton.
 """
 
 from __future__ import annotations
@@ -40,34 +41,39 @@ class TensorRTUnavailable(RuntimeError):
 
 
 def import_tensorrt() -> Any:
-    """`tensorrt` plus the MSDA plugin registration, or a one-line reason why not."""
+    """`tensorrt` (all that running a plan needs), or a one-line reason why not."""
     try:
         import tensorrt
     except ImportError as exc:  # the package index here only has download stubs, see NOTES
         raise TensorRTUnavailable(f"TensorRT is not installed ({exc}); use --backend inductor, "
                                   "or install TensorRT 10 for this CUDA") from exc
-    try:
-        importlib.import_module(PLUGIN_MODULE).register()
-    except ImportError as exc:
-        raise TensorRTUnavailable(f"the MSDA TensorRT plugin ({PLUGIN_MODULE}) does not load: "
-                                  f"{exc}") from exc
     return tensorrt
 
 
 def _import_torch_tensorrt() -> Any:
+    """`torch_tensorrt` with the MSDA plugin and its converter registered (building only)."""
     import_tensorrt()
     try:
         import torch_tensorrt
     except ImportError as exc:
         raise TensorRTUnavailable(f"building TensorRT engines needs torch_tensorrt ({exc}); "
                                   "it is not needed to run them") from exc
+    try:
+        importlib.import_module(PLUGIN_MODULE).register()
+    except ImportError as exc:
+        raise TensorRTUnavailable(f"the MSDA TensorRT plugin ({PLUGIN_MODULE}) does not load: "
+                                  f"{exc}") from exc
     return torch_tensorrt
 
 
-def _convert_options(convert: Any, precision: str) -> dict[str, Any]:
-    """Options of the installed Torch-TensorRT: whole graph, no fallback, the engine precision."""
+def _convert_options(convert: Any, precision: str, device: torch.device) -> dict[str, Any]:
+    """Options of the installed Torch-TensorRT: whole graph, no fallback, the engine precision.
+
+    `device` is explicit: some releases default it to the current device at import time.
+    """
     accepted = inspect.signature(convert).parameters
-    options: dict[str, Any] = {"require_full_compilation": True, "min_block_size": 1}
+    options: dict[str, Any] = {"require_full_compilation": True, "min_block_size": 1,
+                               "device": device}
     if "use_explicit_typing" in accepted:
         options["use_explicit_typing"] = True  # dtypes as exported: FP16 weights + autocast
     elif precision == "fp16":
@@ -81,13 +87,14 @@ def build(model: nn.Module, out_dir: Path, manifest: Manifest, device: torch.dev
         raise TensorRTUnavailable("TensorRT engines are built on a CUDA GPU; none is visible")
     torch_tensorrt = _import_torch_tensorrt()
     convert = torch_tensorrt.dynamo.convert_exported_program_to_serialized_trt_engine
-    options = _convert_options(convert, manifest.precision)
+    options = _convert_options(convert, manifest.precision, device)
     save_config(out_dir, manifest)
     program_model = PrecisionWrapper(copy.deepcopy(model), device, manifest.precision)
     for b in manifest.batch_sizes:
         program = export_model(program_model, manifest.input_hw, b, device)
         inputs = list(example_inputs(b, manifest.input_hw, device))
-        plan = convert(program, arg_inputs=inputs, **options)
+        with torch.cuda.device(device):  # the plugin compiles its kernel for this GPU
+            plan = convert(program, arg_inputs=inputs, **options)
         name = f"engine_b{b}.plan"
         (out_dir / name).write_bytes(bytes(plan))
         manifest.files[f"plan_b{b}"] = name
@@ -116,13 +123,19 @@ class _Plan:
             torch.empty(tuple(self.engine.get_tensor_shape(n)), device=device,
                         dtype=_torch_dtype(trt, self.engine.get_tensor_dtype(n)))
             for n in self.output_names]
+        if sorted(self.input_names) == sorted(INPUT_NAMES):  # Torch-TensorRT keeps the names
+            self.input_names = list(INPUT_NAMES)
         for name, tensor in zip(self.output_names, self.outputs, strict=True):
-            self.context.set_tensor_address(name, tensor.data_ptr())
+            self._bind(name, tensor)
+
+    def _bind(self, name: str, tensor: Tensor) -> None:
+        if not self.context.set_tensor_address(name, tensor.data_ptr()):
+            raise RuntimeError(f"TensorRT refused the address of {name!r}")
 
     def __call__(self, images: Tensor, masks: Tensor) -> Outputs:
         images, masks = images.contiguous(), masks.contiguous()
         for name, tensor in zip(self.input_names, (images, masks), strict=True):
-            self.context.set_tensor_address(name, tensor.data_ptr())
+            self._bind(name, tensor)
         stream = torch.cuda.current_stream(images.device)
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise RuntimeError("TensorRT execute_async_v3 failed")
