@@ -46,7 +46,7 @@ def import_tensorrt() -> Any:
         import tensorrt
     except ImportError as exc:  # the package index here only has download stubs, see NOTES
         raise TensorRTUnavailable(f"TensorRT is not installed ({exc}); use --backend inductor, "
-                                  "or install TensorRT 10 for this CUDA") from exc
+                                  "or install TensorRT >= 10.9 for this CUDA") from exc
     return tensorrt
 
 
