@@ -168,6 +168,19 @@ def test_manifest_errors_say_how_to_build_or_rebuild(tmp_path: Path) -> None:
         f"codetr-stream compile --weights PATH --out {engine}")
 
 
+def test_files_missing_from_an_engine_are_named_with_the_rebuild_command(
+        tmp_path: Path) -> None:
+    _manifest(backend="eager", files={"config": "config.json", "weights": "weights.pt"}).save(
+        tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ManifestError) as info:
+        load_engine(tmp_path, "cpu")
+    assert str(info.value) == (
+        f"{tmp_path}: weights.pt listed in manifest.json but missing (copied in part?); rebuild "
+        f"the engine: codetr-stream compile --config {tmp_path / 'config.json'} --random-weights "
+        f"--seed 0 --precision fp32 --size 1152x768 --batch 1,8 --backend eager --out {tmp_path}")
+
+
 def test_numerics_match_detections_not_positions() -> None:
     from codetr_stream.compile.engines.numerics import compare
 
