@@ -156,6 +156,9 @@ def test_manifest_errors_say_how_to_build_or_rebuild(tmp_path: Path) -> None:
     engine = tmp_path / "engine"
     engine.mkdir()
     assert message(engine).endswith(f"(or its build was interrupted); {build} {engine}`")
+    (engine / "weights.pt").write_bytes(b"")  # compile refuses a non-empty --out without one
+    assert message(engine).endswith(f"interrupted); remove it, then {build} {engine}`")
+    (engine / "weights.pt").unlink()
     raw = json.loads(json.dumps(_manifest().__dict__, default=list))
     (engine / "manifest.json").write_text(json.dumps({**raw, "format_version": 2}))
     assert message(engine).endswith(

@@ -80,9 +80,10 @@ class Manifest:
         try:
             raw = json.loads(path.read_text())
         except FileNotFoundError as exc:
+            clear = "remove it, then " if any(Path(engine_dir).iterdir()) else ""  # see --out
             raise ManifestError(f"{path}: no manifest, so {engine_dir} is not an engine built by "
                                 f"`codetr-stream compile` (or its build was interrupted); "
-                                f"{build}") from exc
+                                f"{clear}{build}") from exc
         except (OSError, json.JSONDecodeError) as exc:
             raise ManifestError(f"{path}: unreadable manifest ({exc}); {build}") from exc
         if not isinstance(raw, dict):
