@@ -6,6 +6,8 @@ else that does not match is an error naming the keys, so a wrong file never half
 
 from __future__ import annotations
 
+import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,11 @@ def _listing(keys: list[str]) -> str:
     return ", ".join(keys[:_SHOWN]) + more
 
 
+def _unreadable(path: Path, detail: str) -> str:
+    return (f"{path}: cannot read checkpoint, the file is truncated, corrupt or not a PyTorch "
+            f"checkpoint (re-download it, or check the path): {detail}")
+
+
 def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], list[str] | None]:
     """The state dict (training-only keys dropped) and class names of an mmdet .pth file."""
     path = Path(path)
@@ -33,9 +40,19 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], list[str] | No
         raise CheckpointError(f"{path}: checkpoint file not found")
     try:
         raw: Any = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch's text for these tells how to load with weights_only=False: not an option here.
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if found is None:
+            raise CheckpointError(_unreadable(path, "UnpicklingError")) from exc
+        raise CheckpointError(
+            f"{path}: holds Python objects ({found.group(1)}) besides tensors, which "
+            "weights_only loading refuses (unpickling them can run code); re-save it with only "
+            "tensors, dicts, lists, strings and numbers, e.g. "
+            "torch.save({'state_dict': model.state_dict()}, path)") from exc
     except Exception as exc:  # torch raises several types for truncated/corrupt zip files
-        raise CheckpointError(f"{path}: cannot read checkpoint, the file is truncated or corrupt "
-                              f"(re-download it): {type(exc).__name__}: {exc}") from exc
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise CheckpointError(_unreadable(path, f"{type(exc).__name__}: {first}")) from exc
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: expected a dict with 'state_dict', "
                               f"got {type(raw).__name__}")

@@ -140,14 +140,21 @@ def _choose_device(args: argparse.Namespace, backend: str, precision: str) -> An
     if args.device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
-        device = torch.device(args.device)
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise UsageError(f"--device {args.device}: not a device name; use cpu, cuda or "
+                             "cuda:N") from None
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise UsageError(f"--device {args.device}: no CUDA GPU is visible")
+            raise UsageError(f"--device {args.device}: no CUDA GPU is visible; build on the GPU "
+                             "machine, or use --device cpu --precision fp32 here")
     if device.type == "cpu" and precision == "fp16":
         raise UsageError("--precision fp16 needs a CUDA GPU and none is visible; use "
                          "--precision fp32 (CPU) or build on the GPU machine")
     if device.type == "cpu" and backend == "tensorrt":
-        raise UsageError("--backend tensorrt needs a CUDA GPU and none is visible")
+        raise UsageError("--backend tensorrt needs a CUDA GPU and none is visible; build it on "
+                         "a GPU machine with TensorRT, or use --backend eager --precision fp32 "
+                         "here")
     return device
 
 
@@ -160,12 +167,34 @@ def _check_model_args(args: argparse.Namespace) -> tuple[Any, str, dict[str, Any
 
     cfg = parse_config(args.config)
     check_input_size(cfg, args.size)
+    if args.weights is not None and args.weights.is_dir():
+        raise UsageError(f"--weights {args.weights}: is a directory; pass the checkpoint .pth "
+                         "file")
     if args.weights is not None and not args.weights.is_file():
         raise UsageError(f"--weights {args.weights}: no such file (fetch it with "
                          "`codetr-stream fetch-weights`, or pass --random-weights)")
     if args.config in BUILTIN:
         return cfg, args.config, BUILTIN[args.config]()
     return cfg, cfg.name, json.loads(Path(args.config).read_text())
+
+
+def _check_out(out: Path) -> None:
+    """Create `out` unless it is a file or a directory of something else: a build writes several
+    files into it and replaces manifest.json, so a wrong --out must fail before, not litter."""
+    from codetr_stream.compile.engines.manifest import MANIFEST_NAME
+
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: is a file; pass a directory for the engine (new, empty, "
+                         "or an engine to rebuild)")
+    if out.is_dir() and not (out / MANIFEST_NAME).is_file() and any(out.iterdir()):
+        raise UsageError(f"--out {out}: not empty and not an engine directory (no "
+                         f"{MANIFEST_NAME}); pass a new or empty directory, or delete it if it "
+                         "is an interrupted build")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out {out}: cannot create the directory ({exc.strerror}); pass a "
+                         "writable path") from None
 
 
 def _load_model(args: argparse.Namespace, cfg: Any) -> tuple[Any, str | None]:
@@ -224,6 +253,7 @@ def _compile(args: argparse.Namespace) -> int:
         from codetr_stream.compile.engines.tensorrt import _import_torch_tensorrt
 
         _import_torch_tensorrt()
+    _check_out(args.out)
     times: dict[str, float] = {}
     with tqdm(total=3, desc="compile", unit="stage") as bar:
         started = time.perf_counter()

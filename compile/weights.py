@@ -49,25 +49,33 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def verify(path: Path, prefix: str | None) -> str:
-    """The file's sha256; `FetchError` if it does not start with `prefix`."""
+def verify(path: Path, prefix: str | None, fix: str) -> str:
+    """The file's sha256; `FetchError` (ending with `fix`) if it does not start with `prefix`."""
     digest = sha256_file(path)
     if prefix is not None and not digest.startswith(prefix):
         raise FetchError(f"{path}: sha256 {digest[:len(prefix)]}... does not match the "
-                         f"{prefix} in its name; the file is corrupt or not the official one")
+                         f"{prefix} in its name, so it is corrupt or not the official file; {fix}")
     return digest
 
 
 def fetch(url: str = DEFAULT_URL, cache_dir: Path | None = None, *, progress: bool = True,
           retries: int = 3, timeout: float = 30.0) -> Path:
     """Download `url` into `cache_dir` (resuming a `.part` file), verify it, return its path."""
+    try:
+        urllib.request.Request(url)  # rejects what is not a URL before anything touches the disk
+    except ValueError as exc:
+        raise FetchError(f"--url {url}: {exc}; give a full https://... address") from None
     name = url.rstrip("/").rsplit("/", 1)[-1]
     directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FetchError(f"cache dir {directory}: cannot create it ({exc.strerror}); pass "
+                         f"--cache-dir DIR or set ${CACHE_ENV} to a writable directory") from None
     target = directory / name
     prefix = hash_prefix(name)
     if target.is_file():
-        verify(target, prefix)
+        verify(target, prefix, "delete it and run `codetr-stream fetch-weights` again")
         return target
     part = directory / (name + ".part")
     for attempt in range(retries + 1):
@@ -79,7 +87,8 @@ def fetch(url: str = DEFAULT_URL, cache_dir: Path | None = None, *, progress: bo
                 raise FetchError(f"download of {url} interrupted at {exc}; run the same command "
                                  f"again to resume from {part}") from exc
     try:
-        verify(part, prefix)
+        verify(part, prefix, "it was deleted: run the same command again; if this repeats, the "
+               "URL does not serve the official file")
     except FetchError:
         part.unlink()
         raise

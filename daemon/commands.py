@@ -22,6 +22,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 DEFAULT_UNIT = "codetr-stream"
@@ -64,16 +65,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=subscribe_command)
 
 
-def _engine_class_names(engine_dir: Path) -> tuple[str, ...] | None:
-    """The class names in the engine's manifest, if it is already built and readable."""
+def _engine_manifest(engine_dir: Path) -> tuple[Any, str | None]:
+    """(the engine's manifest, None) if it is built and readable, else (None, why not)."""
     try:
         from codetr_stream.compile.engines.manifest import Manifest, ManifestError
     except ImportError:  # a daemon-only install
-        return None
+        return None, None
     try:
-        return tuple(Manifest.load(engine_dir).class_names) or None
-    except ManifestError:  # not built yet (first start builds it), or the daemon says why
-        return None
+        return Manifest.load(engine_dir), None
+    except ManifestError as exc:  # not built yet: fine for a check, `run` refuses it
+        return None, str(exc)
+
+
+def _engine_class_names(engine_dir: Path) -> tuple[str, ...] | None:
+    """The class names in the engine's manifest, if it is already built and readable."""
+    manifest, _ = _engine_manifest(engine_dir)
+    return (tuple(manifest.class_names) or None) if manifest is not None else None
 
 
 def _load(path: Path):
@@ -105,6 +112,10 @@ def check_config_command(args: argparse.Namespace) -> int:
     print(f"{args.file}: OK")
     print(f"engine: {config.engine.path} (device {config.engine.device}, "
           f"gpus {list(config.engine.gpus)})")
+    _, problem = _engine_manifest(config.engine.path)
+    if problem is not None:
+        print(f"{args.file}: warning: `run` will refuse to start: engine: {problem}",
+              file=sys.stderr)
     print(f"batching: max_batch {config.batching.max_batch}, "
           f"max_wait_ms {config.batching.max_wait_ms:g}")
     print(f"publish: {config.publish.endpoint} (sndhwm {config.publish.sndhwm})")
@@ -151,8 +162,24 @@ def run_command(args: argparse.Namespace) -> int:
     # Until service.run installs its handler, a `reload` that found the pid file must not kill
     # the process (SIGHUP's default action): ignore it for that moment.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    with _pid_file(config.pid_file):
-        return int(service.run(config, config_path=args.config, restrict=shard.restrict) or 0)
+    try:
+        with _pid_file(config.pid_file):
+            return int(service.run(config, config_path=args.config, restrict=shard.restrict) or 0)
+    except _engine_errors() as exc:
+        print(f"{args.config}: engine: {exc}", file=sys.stderr)
+        print(f"{args.config}: refusing to start", file=sys.stderr)
+        return 1
+
+
+def _engine_errors() -> tuple[type[Exception], ...]:
+    """What loading `engine.path` on `engine.device` raises for an engine that is missing, stale
+    or cannot run here: each message names the file and the fix, so it needs no traceback."""
+    from codetr_stream.compile.checkpoint import CheckpointError
+    from codetr_stream.compile.engines.manifest import IncompatibleEngine, ManifestError
+    from codetr_stream.compile.engines.tensorrt import TensorRTUnavailable
+    from codetr_stream.daemon.service import NoGpu
+
+    return (CheckpointError, IncompatibleEngine, ManifestError, NoGpu, TensorRTUnavailable)
 
 
 def _daemon_pid(pid_file: Path) -> int:

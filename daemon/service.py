@@ -55,6 +55,10 @@ WATCHDOG_STALL_S = 30.0
 SWITCH_INTERVAL_S: float | None = None
 
 
+class NoGpu(RuntimeError):
+    """engine.device asks for CUDA and there is none; the message says what to set instead."""
+
+
 def select_devices(config: DaemonConfig) -> list[torch.device]:
     """cuda:<gpu> for each of `engine.gpus` when asked for (or `auto` and CUDA is there), else
     the CPU path (one worker)."""
@@ -62,7 +66,7 @@ def select_devices(config: DaemonConfig) -> list[torch.device]:
     if wanted == "cpu" or (wanted == "auto" and not torch.cuda.is_available()):
         return [torch.device("cpu")]
     if not torch.cuda.is_available():
-        raise RuntimeError("engine.device is 'cuda' but no CUDA GPU is visible; "
+        raise NoGpu("engine.device is 'cuda' but no CUDA GPU is visible; "
                            "set engine.device: cpu (or auto)")
     return [torch.device("cuda", gpu) for gpu in config.engine.gpus]
 

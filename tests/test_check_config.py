@@ -194,3 +194,52 @@ def test_class_names_come_from_the_engine_manifest_when_built(tmp_path: Path) ->
     assert "unknown classes 'person'; use one of the model's 2 class names" in done.stderr
     unbuilt = write(tmp_path, "engine: {path: nowhere}\nstreams:\n" + stream % "person", "u.yaml")
     assert cli("check-config", str(unbuilt)).returncode == 0  # COCO until the engine exists
+
+
+@pytest.mark.parametrize("case", ["missing", "other-gpu", "cuda-without-gpu"])
+def test_run_refuses_an_engine_it_cannot_load_in_one_line(tmp_path: Path, case: str) -> None:
+    """Not built, built for another machine, or asked for a GPU that is not there: the problem
+    and its fix on one line, exit code 1, no traceback."""
+    from codetr_stream.compile.engines.manifest import Manifest
+
+    if case == "cuda-without-gpu":
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("tests the message without a GPU")
+    engine = tmp_path / "engine"
+    if case == "other-gpu":
+        engine.mkdir()
+        Manifest(backend="inductor", precision="fp16", input_hw=(256, 320), batch_sizes=[1],
+                 config_name="co_dino_swin_l", config={}, class_names=[], random_weights=True,
+                 seed=0, device_name="NVIDIA H100 80GB HBM3", compute_capability="9.0").save(engine)
+    device = "cuda" if case == "cuda-without-gpu" else "cpu"
+    path = write(tmp_path, f"engine: {{path: engine, device: {device}}}\nhealth: {{port: 0}}\n"
+                 "streams: []\n")
+    done = cli("run", "--config", str(path))
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    *_, problem, last = done.stderr.splitlines()
+    assert last == f"{path}: refusing to start"
+    assert problem.startswith(f"{path}: engine: "), problem
+    expected = {
+        "missing": [f"{engine}: no such engine directory; fix the path, or build one with "
+                    f"`codetr-stream compile --weights PATH --out {engine}`"],
+        "other-gpu": ["cannot run here: fp16 engines need a CUDA GPU, this device is cpu; built "
+                      "for cuda (NVIDIA H100 80GB HBM3), running on cpu (cpu)",
+                      f"Rebuild it on this machine: codetr-stream compile --config "
+                      f"co_dino_swin_l --random-weights --seed 0 --precision fp16 "
+                      f"--size 320x256 --batch 1 --backend inductor --out {engine}"],
+        "cuda-without-gpu": ["engine.device is 'cuda' but no CUDA GPU is visible; set "
+                             "engine.device: cpu (or auto)"],
+    }[case]
+    assert all(text in problem for text in expected), problem
+
+
+def test_check_config_warns_about_an_engine_run_would_refuse(tmp_path: Path) -> None:
+    path = write(tmp_path, "engine: {path: nowhere}\nstreams: []\n")
+    done = cli("check-config", str(path))
+    assert done.returncode == 0, done.stderr  # a config can be checked before the engine exists
+    assert done.stderr.strip() == (
+        f"{path}: warning: `run` will refuse to start: engine: {tmp_path / 'nowhere'}: no such "
+        "engine directory; fix the path, or build one with `codetr-stream compile --weights PATH "
+        f"--out {tmp_path / 'nowhere'}`")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -67,6 +68,33 @@ def test_truncated_file_names_the_file(config, data_dir: Path, tmp_path: Path) -
         build_model(config, path)
     with pytest.raises(CheckpointError, match="not found"):
         build_model(config, tmp_path / "absent.pth")
+
+
+@pytest.mark.parametrize("data", [b"not a checkpoint\n", b"garbage that is not a pickle"],
+                         ids=["text", "garbage"])
+def test_a_file_that_is_not_a_checkpoint_is_one_line(config, tmp_path: Path, data: bytes) -> None:
+    path = tmp_path / "notes.pth"
+    path.write_bytes(data)
+    with pytest.raises(CheckpointError) as info:
+        build_model(config, path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: cannot read checkpoint, the file is truncated, corrupt "
+                              "or not a PyTorch checkpoint (re-download it, or check the path)")
+    assert "\n" not in message and "weights_only" not in message
+
+
+def test_python_objects_are_refused_with_how_to_resave(config, checkpoint,
+                                                       tmp_path: Path) -> None:
+    path = tmp_path / "pickled.pth"
+    torch.save({"meta": argparse.Namespace(classes=[]), "state_dict": checkpoint["state_dict"]},
+               path)
+    with pytest.raises(CheckpointError) as info:
+        build_model(config, path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: holds Python objects (argparse.Namespace) besides "
+                              "tensors, which weights_only loading refuses")
+    assert "re-save it with only tensors" in message
+    assert "\n" not in message and "weights_only=False" not in message  # torch's own advice
 
 
 def test_class_count_must_match_the_config(config, checkpoint, tmp_path: Path) -> None:

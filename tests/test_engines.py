@@ -142,6 +142,48 @@ def test_malformed_manifests_are_named(tmp_path: Path) -> None:
         load_engine(tmp_path, "cpu")
 
 
+def test_manifest_errors_say_how_to_build_or_rebuild(tmp_path: Path) -> None:
+    def message(engine: Path) -> str:
+        with pytest.raises(ManifestError) as info:
+            load_engine(engine, "cpu")
+        assert "\n" not in str(info.value)
+        return str(info.value)
+
+    build = "build one with `codetr-stream compile --weights PATH --out"
+    missing = tmp_path / "nowhere"
+    assert message(missing) == f"{missing}: no such engine directory; fix the path, or {build} " \
+                               f"{missing}`"
+    engine = tmp_path / "engine"
+    engine.mkdir()
+    assert message(engine).endswith(f"(or its build was interrupted); {build} {engine}`")
+    (engine / "weights.pt").write_bytes(b"")  # compile refuses a non-empty --out without one
+    assert message(engine).endswith(f"interrupted); remove it, then {build} {engine}`")
+    (engine / "weights.pt").unlink()
+    raw = json.loads(json.dumps(_manifest().__dict__, default=list))
+    (engine / "manifest.json").write_text(json.dumps({**raw, "format_version": 2}))
+    assert message(engine).endswith(
+        "format_version 2 is newer than the 1 this codetr-stream reads; upgrade codetr-stream, "
+        "or rebuild the engine: codetr-stream compile --config co_dino_swin_l --random-weights "
+        f"--seed 0 --precision fp32 --size 1152x768 --batch 1,8 --backend inductor --out {engine}")
+    (engine / "manifest.json").write_text(json.dumps({"backend": "inductor"}))
+    assert message(engine).endswith(
+        "format_version None is older than the 1 this codetr-stream reads; rebuild the engine: "
+        f"codetr-stream compile --weights PATH --out {engine}")
+
+
+def test_files_missing_from_an_engine_are_named_with_the_rebuild_command(
+        tmp_path: Path) -> None:
+    _manifest(backend="eager", files={"config": "config.json", "weights": "weights.pt"}).save(
+        tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ManifestError) as info:
+        load_engine(tmp_path, "cpu")
+    assert str(info.value) == (
+        f"{tmp_path}: weights.pt listed in manifest.json but missing (copied in part?); rebuild "
+        f"the engine: codetr-stream compile --config {tmp_path / 'config.json'} --random-weights "
+        f"--seed 0 --precision fp32 --size 1152x768 --batch 1,8 --backend eager --out {tmp_path}")
+
+
 def test_numerics_match_detections_not_positions() -> None:
     from codetr_stream.compile.engines.numerics import compare
 

@@ -67,6 +67,23 @@ def test_fp32_inductor_engine_equals_eager(data_dir: Path, tmp_path: Path,
     _assert_parity(engine.infer(images, masks), want)
 
 
+@pytest.mark.slow
+def test_rebuilding_into_an_engine_directory_replaces_its_programs(data_dir: Path,
+                                                                   tmp_path: Path) -> None:
+    """The daemon's rebuild command reuses --out: the new weights' program must replace the old
+    file (the numerics check sees only the in-memory programs, so it cannot catch a stale one)."""
+    config = json.loads((data_dir / "tiny_config.json").read_text())
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        model = build_model(config)
+        build_engine(model, tmp_path, backend="inductor", precision="fp32", input_hw=HW,
+                     batch_sizes=[1], config_name="tiny", config=config, device="cpu", seed=seed)
+    images, masks = _inputs(1, "cpu")
+    program = torch.export.load(str(tmp_path / "program_b1.pt2")).module()
+    with torch.no_grad():
+        _assert_parity(program(images, masks), model(images, masks))
+
+
 @pytest.mark.gpu
 @PASSES
 def test_fp16_engine_tracks_fp32_eager_and_restarts_from_its_cache(data_dir: Path,

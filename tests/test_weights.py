@@ -105,9 +105,37 @@ def test_complete_part_file_is_finished_without_refetching(server: RangeServer,
 
 def test_hash_mismatch_is_one_clear_error_and_keeps_nothing(server: RangeServer,
                                                             tmp_path: Path) -> None:
-    with pytest.raises(FetchError, match="does not match the 00000000 in its name"):
+    with pytest.raises(FetchError, match=r"does not match the 00000000 in its name.*it was "
+                       "deleted: run the same command again"):
         fetch(server.url + BAD, tmp_path, progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_corrupt_cached_file_says_to_delete_it(tmp_path: Path) -> None:
+    cached = tmp_path / BAD
+    cached.write_bytes(PAYLOAD)
+    with pytest.raises(FetchError) as info:
+        fetch("http://127.0.0.1:9/" + BAD, tmp_path, progress=False)  # never contacted
+    assert str(info.value).startswith(f"{cached}: sha256 ")
+    assert str(info.value).endswith("does not match the 00000000 in its name, so it is corrupt "
+                                    "or not the official file; delete it and run "
+                                    "`codetr-stream fetch-weights` again")
+
+
+@pytest.mark.parametrize("case", ["not-a-url", "cache-dir-is-a-file"])
+def test_bad_url_or_cache_dir_is_one_clear_error(tmp_path: Path, case: str) -> None:
+    a_file = tmp_path / "cache"
+    a_file.write_text("")
+    url, cache, text = {
+        "not-a-url": ("notaurl", tmp_path, "--url notaurl: unknown url type: 'notaurl'; give a "
+                                           "full https://... address"),
+        "cache-dir-is-a-file": ("http://127.0.0.1:9/" + GOOD, a_file,
+                                f"cache dir {a_file}: cannot create it (File exists); pass "
+                                "--cache-dir DIR or set $CODETR_STREAM_CACHE"),
+    }[case]
+    with pytest.raises(FetchError) as info:
+        fetch(url, cache, progress=False, retries=0, timeout=5)
+    assert str(info.value).startswith(text)
 
 
 def test_offline_is_one_clear_error(tmp_path: Path) -> None:

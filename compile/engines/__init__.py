@@ -44,13 +44,19 @@ def _device(device: str | torch.device | None) -> torch.device:
 def load_engine(path: str | Path, device: str | torch.device | None = None) -> Engine:
     """Load the engine in directory `path` on `device` (default: the GPU if there is one).
 
-    Raises `ManifestError` for a missing/malformed manifest and `IncompatibleEngine` (with the
-    rebuild command) for an engine built for another GPU or library version.
+    Raises `ManifestError` for a missing/malformed manifest or a file it lists that is gone, and
+    `IncompatibleEngine` (with the rebuild command) for an engine built for another GPU or
+    library version.
     """
     path = Path(path)
     manifest = Manifest.load(path)
     dev = _device(device)
     manifest.check_compatible(path, str(dev))
+    missing = sorted(name for name in manifest.files.values() if not (path / name).is_file())
+    if missing:  # say so here, not as whatever error the backend's loader hits first
+        raise ManifestError(f"{path}: {', '.join(missing)} listed in manifest.json but missing "
+                            f"(copied in part?); rebuild the engine: "
+                            f"{manifest.rebuild_command(path)}")
     backend = importlib.import_module(f"codetr_stream.compile.engines.{manifest.backend}")
     return backend.load(path, manifest, dev)
 

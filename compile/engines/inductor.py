@@ -60,7 +60,7 @@ def build(model: nn.Module, out_dir: Path, manifest: Manifest, device: torch.dev
     shared = len({id(p) for p in programs.values()}) == 1 and len(programs) > 1
     names = _program_files(manifest.batch_sizes, shared)
     for b, program in programs.items():
-        if not (out_dir / names[b]).exists():
+        if names[b] not in manifest.files.values():  # a shared program: one file, saved once
             torch.export.save(program, str(out_dir / names[b]))
         manifest.files[f"program_b{b}"] = names[b]
     manifest.notes.append("batch dimension exported dynamic (one program)" if shared

@@ -74,30 +74,44 @@ class Manifest:
     @classmethod
     def load(cls, engine_dir: Path) -> Manifest:
         path = Path(engine_dir) / MANIFEST_NAME
+        build = f"build one with `codetr-stream compile --weights PATH --out {engine_dir}`"
+        if not Path(engine_dir).is_dir():
+            raise ManifestError(f"{engine_dir}: no such engine directory; fix the path, or {build}")
         try:
             raw = json.loads(path.read_text())
         except FileNotFoundError as exc:
-            raise ManifestError(f"{path}: no manifest; is {engine_dir} an engine directory built "
-                                "by `codetr-stream compile`?") from exc
+            clear = "remove it, then " if any(Path(engine_dir).iterdir()) else ""  # see --out
+            raise ManifestError(f"{path}: no manifest, so {engine_dir} is not an engine built by "
+                                f"`codetr-stream compile` (or its build was interrupted); "
+                                f"{clear}{build}") from exc
         except (OSError, json.JSONDecodeError) as exc:
-            raise ManifestError(f"{path}: unreadable manifest ({exc})") from exc
-        if raw.get("format_version") != FORMAT_VERSION:
-            raise ManifestError(f"{path}: format_version {raw.get('format_version')!r}, this "
-                                f"build reads {FORMAT_VERSION}; rebuild the engine")
+            raise ManifestError(f"{path}: unreadable manifest ({exc}); {build}") from exc
+        if not isinstance(raw, dict):
+            raise ManifestError(f"{path}: malformed manifest (not a JSON object); {build}")
+        rebuild = f"rebuild the engine: {_rebuild_hint(raw, engine_dir)}"
+        version = raw.get("format_version")
+        if version != FORMAT_VERSION:
+            newer = isinstance(version, int) and version > FORMAT_VERSION
+            upgrade = "upgrade codetr-stream, or " if newer else ""
+            raise ManifestError(f"{path}: format_version {version!r} is "
+                                f"{'newer' if newer else 'older'} than the {FORMAT_VERSION} this "
+                                f"codetr-stream reads; {upgrade}{rebuild}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(raw) - known)
         if unknown:
-            raise ManifestError(f"{path}: unknown fields {unknown}")
+            raise ManifestError(f"{path}: unknown fields {unknown} (hand-edited, or written by a "
+                                f"newer codetr-stream); {rebuild}")
         try:
             raw["input_hw"] = tuple(raw["input_hw"])
             raw["inputs"] = [TensorSpec(**s) for s in raw.get("inputs", [])]
             raw["outputs"] = [TensorSpec(**s) for s in raw.get("outputs", [])]
             manifest = cls(**raw)
         except (KeyError, TypeError) as exc:
-            raise ManifestError(f"{path}: malformed manifest ({exc})") from exc
+            raise ManifestError(f"{path}: malformed manifest ({exc}); {rebuild}") from exc
         if manifest.backend not in BACKENDS or manifest.precision not in PRECISIONS:
             raise ManifestError(f"{path}: backend {manifest.backend!r} / precision "
-                                f"{manifest.precision!r} not one of {BACKENDS} / {PRECISIONS}")
+                                f"{manifest.precision!r} not one of {BACKENDS} / {PRECISIONS}; "
+                                f"{rebuild}")
         return manifest
 
     def rebuild_command(self, engine_dir: Path | str) -> str:
@@ -155,6 +169,16 @@ class Manifest:
             if built != here:
                 problems.append(f"built with {key} {built}, installed is {here}")
         return problems
+
+
+def _rebuild_hint(raw: dict[str, Any], engine_dir: Path | str) -> str:
+    """The exact rebuild command where the manifest still says enough for one, else the plain
+    form (a manifest of another format version may lack or rename fields)."""
+    known = {f.name for f in fields(Manifest)}
+    try:
+        return Manifest(**{k: v for k, v in raw.items() if k in known}).rebuild_command(engine_dir)
+    except (TypeError, ValueError, AttributeError):
+        return f"codetr-stream compile --weights PATH --out {engine_dir}"
 
 
 def _version(module: str) -> str | None:
