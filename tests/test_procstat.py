@@ -56,6 +56,14 @@ def test_trend_ignores_warmup_and_single_spikes() -> None:
     assert result.gpu_growth is None
 
 
+def test_trend_is_not_set_by_one_low_sample() -> None:
+    # The CPU path: RSS swings between batches; one sample caught memory at its lowest early on.
+    samples = [fake(t, 1000 + 400 * (t % 3)) for t in range(90)]
+    samples[7] = fake(7, 850)
+    result = trend(samples, warmup_s=5)
+    assert result.rss_growth == 0
+
+
 def test_trend_sees_a_leak() -> None:
     samples = [fake(t, 1000 + 2 * t, fds=10 + t // 10, threads=4 + t // 10) for t in range(60)]
     result = trend(samples, warmup_s=5)
