@@ -205,7 +205,7 @@ def render(run: Run) -> str:
 def _checks(run: Run) -> str:
     limit = f"< {float(run.args['max_growth']):.0%}"
     t = run.trend
-    rows = [("RSS growth (floor of the first vs the last third of the measured samples)",
+    rows = [("RSS growth (floor: 10th percentile; first vs last third of the measured samples)",
              _pct(t and t.rss_growth), limit),
             ("GPU memory reserved by torch, growth (same)", _pct(t and t.gpu_growth), limit),
             ("GPU memory in use on the device, growth (same)", _pct(t and t.gpu_used_growth),
