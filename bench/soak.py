@@ -248,8 +248,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.churn_every, args.down, args.sample_every = (6.0, 10.0), (2.0, 2.0), 1.0
         args.table_every = 12.0
         # 36 s cannot tell a leak from the CPU path's RSS plateaus (a CI run stepped 827 -> 911 MB
-        # in its first seconds while allocator arenas filled): here only a gross leak fails;
-        # the 20-minute run judges at 1%. fds and threads stay exact.
+        # in its first seconds and stayed there): here only a gross leak fails; the 20-minute
+        # run judges at 1%. fds and threads stay exact.
         args.max_growth = max(args.max_growth, 0.25)
     return args
 
