@@ -74,7 +74,7 @@ class Manifest:
     @classmethod
     def load(cls, engine_dir: Path) -> Manifest:
         path = Path(engine_dir) / MANIFEST_NAME
-        build = f"build one with `codetr-stream compile --weights PATH --out {engine_dir}`"
+        build = f"build one with `{_plain_build_command(engine_dir)}`"
         if not Path(engine_dir).is_dir():
             raise ManifestError(f"{engine_dir}: no such engine directory; fix the path, or {build}")
         try:
@@ -178,7 +178,11 @@ def _rebuild_hint(raw: dict[str, Any], engine_dir: Path | str) -> str:
     try:
         return Manifest(**{k: v for k, v in raw.items() if k in known}).rebuild_command(engine_dir)
     except (TypeError, ValueError, AttributeError):
-        return f"codetr-stream compile --weights PATH --out {engine_dir}"
+        return _plain_build_command(engine_dir)
+
+
+def _plain_build_command(engine_dir: Path | str) -> str:
+    return f"codetr-stream compile --weights PATH --out {engine_dir}"
 
 
 def _version(module: str) -> str | None:
