@@ -67,7 +67,7 @@ def select_devices(config: DaemonConfig) -> list[torch.device]:
         return [torch.device("cpu")]
     if not torch.cuda.is_available():
         raise NoGpu("engine.device is 'cuda' but no CUDA GPU is visible; "
-                           "set engine.device: cpu (or auto)")
+                    "set engine.device: cpu (or auto)")
     return [torch.device("cuda", gpu) for gpu in config.engine.gpus]
 
 

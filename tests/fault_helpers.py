@@ -206,6 +206,11 @@ class Recorder:
         found = self.status(stream)
         return found[-1].payload if found else None
 
+    def last_error(self, stream: str) -> str | None:
+        """The error in the stream's latest heartbeat (None before the first or when healthy)."""
+        status = self.last_status(stream)
+        return status["error"] if status else None
+
     def det_after(self, stream: str, since: float) -> list[Message]:
         return [m for m in self.det(stream) if m.arrived > since]
 

@@ -34,12 +34,6 @@ SECRETS = (URL_PASSWORD, ENV_PASSWORD, WRONG_PASSWORD, SPECIAL_PASSWORD, QUERY_P
            FILE_PASSWORD, RELOAD_PASSWORD)
 
 
-def error_of(rec, name: str) -> str | None:
-    """The error in the camera's latest heartbeat (None before the first one or when healthy)."""
-    status = rec.last_status(name)
-    return status["error"] if status else None
-
-
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
     return build_small_engine(tmp_path_factory.mktemp("engine") / "tiny")
@@ -85,9 +79,9 @@ def test_no_password_in_logs_messages_metrics_health_or_cli(engine, tmp_path, ca
                 d.sample_http()
                 server.start()
                 # wrongpass saw "refused" while the server was down: wait for its 401 again.
-                wait_for(lambda: "401" in (error_of(rec, "wrongpass") or "")
-                         and "refused" in (error_of(rec, "unreachable") or "")
-                         and error_of(rec, "garbage") and error_of(rec, "mute"),
+                wait_for(lambda: "401" in (rec.last_error("wrongpass") or "")
+                         and "refused" in (rec.last_error("unreachable") or "")
+                         and rec.last_error("garbage") and rec.last_error("mute"),
                          30, "every bad camera's own error in its heartbeat")
                 # A rejected reload naming a new password, then a valid one rotating one.
                 d.path.write_text(d.path.read_text() + f'- {{name: new, url: "http://admin:'
