@@ -1,10 +1,11 @@
 """Swin Transformer backbone, laid out like mmdet's `SwinTransformer` (keys and numerics).
 
-mmdet details that matter for parity (shared/spec/model_facts.md section 2): windows are padded
-with zeros AFTER the first LayerNorm; only shifted blocks get an attention mask (-100 across
-regions); patch merging uses `nn.Unfold` order (channel-major); outputs are normed per stage
-before the downsample. Every shape decision uses python ints from static tensor shapes, so the
-module exports with torch.export and also takes a symbolic batch size.
+mmdet details that matter for parity (docs/model.md): windows are padded with zeros AFTER the
+first LayerNorm (so a padding token's qkv is the projection's bias); only shifted blocks get an
+attention mask (-100 across regions); patch merging uses `nn.Unfold` order (channel-major);
+outputs are normed per stage before the downsample. Every shape decision uses python ints from
+static tensor shapes, so the module exports with torch.export and also takes a symbolic batch
+size.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from codetr_stream.compile.configs import SwinConfig
 from codetr_stream.compile.model.ffn import FFN
+from codetr_stream.plugin.window_attention import window_attention
 from torch import Tensor, nn
 
 
@@ -24,68 +26,32 @@ def _relative_position_index(window: int) -> Tensor:
     return (coords + coords.T).flip(1).contiguous()
 
 
-def window_partition(x: Tensor, window: int) -> Tensor:
-    """(B, H, W, C) -> (B * nW, window*window, C), windows in row-major order."""
-    b, h, w, c = x.shape
-    x = x.view(b, h // window, window, w // window, window, c).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(-1, window * window, c)
-
-
-def window_reverse(windows: Tensor, batch: int, h: int, w: int) -> Tensor:
-    """Inverse of `window_partition`: (B * nW, window*window, C) -> (B, H, W, C)."""
-    window = round(windows.shape[1] ** 0.5)
-    x = windows.view(batch, h // window, w // window, window, window, -1)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(batch, h, w, -1)
-
-
-def shift_mask(h: int, w: int, window: int, shift: int, device: torch.device) -> Tensor:
-    """(nW, N, N) additive mask: -100 between tokens that came from different regions.
-
-    mmdet labels 3 x 3 regions (rows and columns split at -window and -shift) by slice
-    assignment; the same labels come here from comparisons, without in-place writes, so the
-    mask is a pure function of the size that an engine can precompute (engines/passes.py)."""
-    def band(n: int) -> Tensor:  # 0 before the last window, 1 in it before the shift, 2 after
-        i = torch.arange(n, device=device)
-        return (i >= n - window).long() + (i >= n - shift).long()
-
-    region = (band(h)[:, None] * 3 + band(w)[None, :]).float()
-    ids = window_partition(region[None, :, :, None], window).squeeze(-1)
-    diff = ids[:, None, :] - ids[:, :, None]
-    return torch.where(diff != 0, -100.0, 0.0)
-
-
 class WindowMSA(nn.Module):
-    """Multi-head self-attention inside one window, with a learned relative position bias."""
+    """Multi-head self-attention inside (shifted) windows, with a learned relative position
+    bias: the qkv projection of every token, one `window_attention` op (pad, shift, windows,
+    attention, back: plugin/window_attention.py), the output projection."""
 
     def __init__(self, dims: int, heads: int, window: int, qkv_bias: bool) -> None:
         super().__init__()
-        self.heads = heads
+        self.heads, self.window = heads, window
         self.scale = (dims // heads) ** -0.5
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, heads))
         self.register_buffer("relative_position_index", _relative_position_index(window))
         self.qkv = nn.Linear(dims, dims * 3, bias=qkv_bias)
         self.proj = nn.Linear(dims, dims)
 
-    def forward(self, x: Tensor, windows: int, mask: Tensor | None) -> Tensor:
-        """x (B*windows, N, C). One fused attention call with the bias (+ shift mask) as an
-        additive mask, so the (heads, N, N) scores of each window never reach memory. The window
-        index is folded into the head dimension: the (windows*heads, N, N) mask then broadcasts
-        over the batch, a layout the fused CUDA kernels (cuDNN, memory-efficient) accept; a
-        per-head mask broadcast over B*windows falls back to the unfused math path."""
-        b, n, c = x.shape
-        heads, d = self.heads, c // self.heads
-        qkv = self.qkv(x).reshape(-1, windows, n, 3, heads, d).permute(3, 0, 1, 4, 2, 5)
-        q, k, v = qkv.reshape(3, -1, windows * heads, n, d).unbind(0)
+    def forward(self, x: Tensor, hw: tuple[int, int], shift: int) -> Tensor:
+        """x (B, H*W, C) normed tokens in row-major order -> (B, H*W, C)."""
+        n = self.window * self.window
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-        bias = bias.view(n, n, heads).permute(2, 0, 1)
-        bias = bias.expand(windows, heads, n, n) if mask is None else bias + mask[:, None]
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.reshape(1, -1, n, n),
-                                           scale=self.scale)
-        return self.proj(x.reshape(b, heads, n, d).transpose(1, 2).reshape(b, n, c))
+        bias = bias.view(n, n, self.heads).permute(2, 0, 1)
+        out = window_attention(self.qkv(x), bias, self.qkv.bias, hw[0], hw[1], self.window,
+                               shift, self.scale)
+        return self.proj(out)
 
 
 class ShiftWindowMSA(nn.Module):
-    """Pads to whole windows, optionally cyclic-shifts, and runs `WindowMSA` per window."""
+    """`WindowMSA` on windows cyclic-shifted by `shift` tokens (0: the unshifted blocks)."""
 
     def __init__(self, dims: int, heads: int, window: int, shift: int, qkv_bias: bool) -> None:
         super().__init__()
@@ -93,20 +59,7 @@ class ShiftWindowMSA(nn.Module):
         self.w_msa = WindowMSA(dims, heads, window, qkv_bias)
 
     def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
-        b, _, c = x.shape
-        h, w = hw
-        win, shift = self.window, self.shift
-        x = F.pad(x.view(b, h, w, c), (0, 0, 0, (win - w % win) % win, 0, (win - h % win) % win))
-        hp, wp = x.shape[1], x.shape[2]
-        mask = None
-        if shift > 0:
-            x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
-            mask = shift_mask(hp, wp, win, shift, x.device).to(x.dtype)
-        windows = (hp // win) * (wp // win)
-        x = window_reverse(self.w_msa(window_partition(x, win), windows, mask), b, hp, wp)
-        if shift > 0:
-            x = torch.roll(x, shifts=(shift, shift), dims=(1, 2))
-        return x[:, :h, :w].reshape(b, h * w, c)
+        return self.w_msa(x, hw, self.shift)
 
 
 class SwinBlock(nn.Module):
