@@ -17,7 +17,7 @@ from codetr_stream.compile.export import example_inputs
 from engine_helpers import score_drift_in_fresh_process
 
 HW = (128, 160)
-PASSES = pytest.mark.parametrize("passes", [[], ["fold-masks", "linear-relu"]],
+PASSES = pytest.mark.parametrize("passes", [[], ["fold-masks", "linear-relu", "linear-gelu"]],
                                  ids=["baseline", "passes"])
 # A fresh process that recompiles instead of reading the engine's saved cache still gets the
 # right answer, only minutes later; at exit this turns a recompile into exit code 3.
@@ -57,10 +57,10 @@ def test_fp32_inductor_engine_equals_eager(data_dir: Path, tmp_path: Path,
                                     config=config, device="cpu", passes=passes)
     assert {"program_b1", "inductor_cache", "config"} <= manifest.files.keys()
     assert Manifest.load(tmp_path).passes == passes  # re-applied by every load
-    assert ("--passes fold-masks,linear-relu" in manifest.rebuild_command(tmp_path)) == bool(
-        passes)
+    assert ("--passes fold-masks,linear-relu,linear-gelu" in manifest.rebuild_command(tmp_path)
+            ) == bool(passes)
     if passes:
-        assert engine.pass_sites == {"fold-masks": 5, "linear-relu": 14}
+        assert engine.pass_sites == {"fold-masks": 5, "linear-relu": 14, "linear-gelu": 5}
     images, masks = _inputs(1, "cpu")
     with torch.no_grad():
         want = model(images, masks)

@@ -12,14 +12,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 from codetr_stream.compile import build_model
-from codetr_stream.compile.engines.passes import SDPA, apply_passes, fold_attention_masks
+from codetr_stream.compile.engines.passes import (
+    WINDOW_ATTENTION,
+    apply_passes,
+    fold_attention_masks,
+)
 from codetr_stream.compile.engines.precision import drop_dtype_asserts
 from codetr_stream.compile.export import example_inputs, export_for_batches
-from codetr_stream.compile.model.swin import shift_mask, window_partition
 from torch import nn
 
 HW = (128, 160)
-BOTH = ["fold-masks", "linear-relu"]
+PASSES = ["fold-masks", "linear-relu", "linear-gelu"]
 
 
 @pytest.fixture(scope="module")
@@ -47,32 +50,19 @@ def _assert_same(got: tuple[torch.Tensor, ...], want: tuple[torch.Tensor, ...]) 
         assert a.dtype == b.dtype and torch.equal(a, b)
 
 
-def test_shift_mask_labels_regions_as_mmdet_does() -> None:
-    """mmdet's slice-assignment labelling, written out, against the comparison-based one."""
-    for h, w, window, shift in ((14, 14, 7, 3), (192, 288, 12, 6), (156, 156, 12, 6),
-                                (12, 24, 12, 6), (28, 21, 7, 3)):
-        region = torch.zeros(h, w)
-        count = 0
-        for hs in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
-            for ws in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
-                region[hs, ws] = count
-                count += 1
-        ids = window_partition(region[None, :, :, None], window).squeeze(-1)
-        want = torch.where(ids[:, None, :] != ids[:, :, None], -100.0, 0.0)
-        assert torch.equal(shift_mask(h, w, window, shift, torch.device("cpu")), want)
-
-
 @pytest.mark.slow
 def test_passes_keep_fp32_outputs_identical_at_every_batch(
         program: torch.export.ExportedProgram) -> None:
     before = program.module()
     after = copy.deepcopy(before)
-    assert apply_passes(after, BOTH, None) == {"fold-masks": 5, "linear-relu": 14}
-    masks = [n.args[3] for n in after.graph.nodes if n.target is SDPA and len(n.args) > 3]
-    assert len(masks) == 5 and all(m.op == "get_attr" for m in masks)
+    assert apply_passes(after, PASSES, None) == {"fold-masks": 5, "linear-relu": 14,
+                                                 "linear-gelu": 5}
+    biases = [n.args[1] for n in after.graph.nodes if n.target is WINDOW_ATTENTION]
+    assert len(biases) == 5 and all(b.op == "get_attr" for b in biases)
     kinds = _targets(after)
     assert torch.ops.aten.index.Tensor not in kinds  # no bias-table gather left
     assert torch.ops.aten.relu.default not in kinds
+    assert torch.ops.aten.gelu.default not in kinds
     for batch in (1, 2):
         with torch.no_grad():
             _assert_same(after(*_inputs(batch)), before(*_inputs(batch)))
@@ -85,7 +75,7 @@ def test_passes_under_autocast_store_and_compute_the_low_precision_values(
     compute dtype and the fused GEMMs get autocast's casts, so nothing changes."""
     before = drop_dtype_asserts(program.module())
     after = copy.deepcopy(before)
-    apply_passes(after, BOTH, torch.bfloat16)
+    apply_passes(after, PASSES, torch.bfloat16)
     folded = [b for name, b in after.named_buffers() if name.startswith("_folded_attn_mask")]
     assert len(folded) == 5 and all(b.dtype == torch.bfloat16 for b in folded)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):

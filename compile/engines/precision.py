@@ -58,17 +58,18 @@ def compute_dtype(precision: str) -> torch.dtype | None:
 
 
 class PrecisionWrapper(nn.Module):
-    """`module` under the engine precision (FP16 matrices + autocast for "fp16"), outputs as
-    FP32 boxes/scores and int64 labels: what the Inductor and TensorRT backends compile."""
+    """`module` under the engine precision (FP16 matrices + autocast for "fp16"), floating
+    outputs as FP32 (boxes, scores; labels stay int64): what the Inductor and TensorRT backends
+    compile."""
 
     def __init__(self, module: nn.Module, device: torch.device, precision: str) -> None:
         super().__init__()
         self.module = half_matrices_(module) if precision == "fp16" else module
         self.device, self.precision = device, precision
 
-    def forward(self, images: Tensor, masks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, images: Tensor, masks: Tensor) -> tuple[Tensor, ...]:
         if self.precision == "fp16":
             images = images.half()  # the model checks images against its (FP16) conv weights
         with autocast(self.device, self.precision):
-            boxes, scores, labels = self.module(images, masks)
-        return boxes.float(), scores.float(), labels
+            outputs = self.module(images, masks)
+        return tuple(o.float() if o.is_floating_point() else o for o in outputs)
