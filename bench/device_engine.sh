@@ -11,8 +11,15 @@
 #                                         # Inductor presets tune-pointwise and autotune-gemm
 #                                         # (their compile cost is part of the answer)
 #   bash bench/device_engine.sh main      # 1152x768 x batch 1, 8, baseline, with profiles
-#   bash bench/device_engine.sh swin      # bench/swin_attention.py (Swin attention variants side by
-#                                         # side), then bench/engine.py at batch 1 only (~3.5 min)
+#   bash bench/device_engine.sh compare   # carry [".baseline"]: the engines of the code in
+#                                         # .baseline/codetr_stream (the last release: `git archive
+#                                         # REV compile plugin daemon | tar -x -C
+#                                         # .baseline/codetr_stream`) against this tree's, batch 1
+#                                         # and 8, eager FP32/FP16, feature probes, kernel-class
+#                                         # profiles, all in one run (~8 min)
+#   bash bench/device_engine.sh blocks    # the GPU tests of the window-attention op (and the tiny
+#                                         # model on the GPU), then bench/swin_block.py: the Swin
+#                                         # block pieces side by side (~4 min)
 set -uo pipefail
 # shellcheck source=bench/device_env.sh
 source "$(dirname "$0")/device_env.sh"
@@ -71,16 +78,28 @@ case "${1:-sizes}" in
       --warm-start baseline 2>&1 | "${quiet[@]}" | tee "$out/bench.log"
     status=${PIPESTATUS[0]}
     ;;
-  swin)
-    { timeout 90 python3 bench/swin_attention.py --batch 1 --stages 1,3 --kernels
-      timeout 50 python3 bench/swin_attention.py --batch 8 --stages 1 --variants explicit,sdpa
-    } 2>&1 | "${quiet[@]}" | tee "$out/swin.log"
-    timeout 320 "${bench[@]}" --sizes 1152x768 --batches 1 --iters 20 --profile "$profiles" \
-      2>&1 | "${quiet[@]}" | tee "$out/bench.log"
+  compare)
+    label="today's engine ($(cat .baseline/REVISION 2>/dev/null || echo baseline))"
+    timeout 590 "${bench[@]}" --sizes 1152x768 --batches 1,8 --iters 20 --eager fp32,fp16 \
+      --eager-warmup 2 --eager-iters 5 --variants fold-masks+linear-relu+linear-gelu \
+      --baseline-code .baseline --baseline-label "$label" --probe --profile "$profiles" \
+      --warm-start fold-masks+linear-relu+linear-gelu --deadline 450 \
+      --title "Today's engine vs this tree's, batch 1 and 8" 2>&1 \
+      | "${quiet[@]}" | tee "$out/bench.log"
     status=${PIPESTATUS[0]}
     ;;
+  blocks)
+    timeout 150 python3 -m pytest -p no:cacheprovider -m gpu -q -rA tests/test_window_attention.py \
+      "tests/test_msda_gpu.py::test_tiny_model_same_outputs_with_kernel_as_with_reference" \
+      >"$out/pytest.log" 2>&1
+    tests=$?
+    tail -n 25 "$out/pytest.log"
+    timeout 300 python3 bench/swin_block.py --batches 1,8 --json "$out/swin_block.json" \
+      --results "$out/RESULTS.md" 2>&1 | "${quiet[@]}" | tee "$out/swin_block.log"
+    status=$((tests || PIPESTATUS[0]))
+    ;;
   *)
-    echo "usage: bash bench/device_engine.sh sizes|variants|tuning|main|swin" >&2
+    echo "usage: bash bench/device_engine.sh sizes|variants|tuning|main|compare|blocks" >&2
     exit 2
     ;;
 esac

@@ -31,16 +31,14 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # engine_jobs, also under runpy
-from codetr_stream.compile import build_model
-from codetr_stream.compile.engines import load_engine
-from codetr_stream.compile.engines.numerics import compare
-from codetr_stream.compile.engines.precision import PrecisionWrapper
-from codetr_stream.compile.export import check_input_size, example_inputs
+# codetr_stream is imported inside the functions, never here: the build workers are spawned
+# processes, which import this module first, and a --baseline-code worker must import that
+# checkout's codetr_stream, not this one's.
 from engine_jobs import (
     Job,
     Outcome,
     gpu_lock,
-    median_ms,  # also what bench/swin_attention.py imports from here
+    median_ms,  # also what bench/swin_block.py imports from here
     parse_variant,
     peak_gib,
     reset_peak,
@@ -62,14 +60,22 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def model_flops(config: str, hw: tuple[int, int]) -> float:
     """Matmul + conv + attention FLOPs of one image at `hw`, counted on fake tensors (no memory,
-    seconds on the CPU); SDPA counted as its two matmuls."""
+    seconds on the CPU); SDPA and the Swin window attention op counted as their two matmuls."""
+    from codetr_stream.compile import build_model
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
     def sdpa(query: Any, key: Any, value: Any, *args: Any, **kwargs: Any) -> int:
         return sdpa_flop_count(query, key, value)
 
-    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: sdpa}
+    def window_attention(qkv: Any, bias: Any, fill: Any, height: int, width: int, window: int,
+                         *args: Any, **kwargs: Any) -> int:
+        """q @ k.T and p @ v over every padded window: 2 x 2 x tokens x N x C."""
+        padded = -(-height // window) * window * (-(-width // window) * window)
+        return 4 * qkv[0] * padded * window * window * (qkv[2] // 3)
+
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: sdpa,
+               torch.ops.codetr.window_attention: window_attention}
     with FakeTensorMode():
         model = build_model(config, device="cpu")
         images = torch.randn(1, 3, *hw)
@@ -110,6 +116,9 @@ def eager_rows(model: torch.nn.Module, fp16: torch.nn.Module | None, hw: tuple[i
                batch: int, engines: list[Outcome], extra: dict[str, Any],
                args: argparse.Namespace) -> list[dict[str, Any]]:
     """FP32 eager is the reference: every other row of this (size, batch) is compared with it."""
+    from codetr_stream.compile.engines.numerics import compare
+    from codetr_stream.compile.export import example_inputs
+
     device = next(model.parameters()).device
     size = f"{hw[1]}x{hw[0]}"
     images, masks = example_inputs(batch, hw, device, seed=1)
@@ -144,8 +153,7 @@ def eager_rows(model: torch.nn.Module, fp16: torch.nn.Module | None, hw: tuple[i
             rows.append(row)
             print(json.dumps(row), flush=True)
     for outcome in engines:
-        row = {"size": size, "batch": batch,
-               "variant": f"inductor {outcome.job.precision} {outcome.job.variant}"}
+        row = {"size": size, "batch": batch, "variant": outcome.job.name}
         if outcome.error is not None:
             row["error"] = outcome.error
         else:
@@ -155,6 +163,55 @@ def eager_rows(model: torch.nn.Module, fp16: torch.nn.Module | None, hw: tuple[i
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
+
+
+def feature_rows(model: torch.nn.Module, fp16: torch.nn.Module | None, hw: tuple[int, int],
+                 batch: int, probes: list[Outcome]) -> list[dict[str, Any]]:
+    """Feature-level drift against FP32 eager (bench/probe.py) of FP16 eager and every probe
+    engine of this (size, batch)."""
+    from codetr_stream.compile.engines.precision import PrecisionWrapper
+    from codetr_stream.compile.export import example_inputs
+    from probe import FeatureProbe, feature_drift
+
+    device = next(model.parameters()).device
+    images, masks = example_inputs(batch, hw, device, seed=1)
+    size = f"{hw[1]}x{hw[0]}"
+    rows = []
+    with torch.inference_mode():
+        probe = FeatureProbe(model)
+        reference = tuple(t.cpu() for t in probe(images, masks))
+        probe.remove_hooks()
+        runs = []
+        if fp16 is not None:
+            probe16 = FeatureProbe(fp16.module)
+            got = PrecisionWrapper(probe16, device, "fp16")(images, masks)
+            runs.append(("eager fp16", tuple(t.cpu() for t in got)))
+            probe16.remove_hooks()
+        runs += [(o.job.name, o.outputs) for o in probes if o.outputs is not None]
+        for name, outputs in runs:
+            rows.append({"size": size, "batch": batch, "variant": name,
+                         **feature_drift(reference, outputs, hw)})
+            print(json.dumps(rows[-1]), flush=True)
+    rows += [{"size": size, "batch": batch, "variant": o.job.name, "error": o.error}
+             for o in probes if o.outputs is None]
+    return rows
+
+
+def feature_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| size | batch | variant | memory 1-cos | memory max err (rel.) | queries on the "
+             "same token | their state 1-cos | their box drift p99 / max px | finite |",
+             "|" + " --- |" * 9]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['size']} | {r['batch']} | {r['variant']} | {r['error']} |"
+                         + " |" * 5)
+            continue
+        lines.append(
+            f"| {r['size']} | {r['batch']} | {r['variant']} | {r['memory_1_minus_cos']:.1e} | "
+            f"{r['memory_rel_max_err']:.1e} | {100 * r['same_token_share']:.0f}% | "
+            f"{r['state_1_minus_cos']:.1e} | {r['query_box_p99_px']:.2f} / "
+            f"{r['query_box_max_px']:.2f} | {'yes' if r['finite'] else 'NO'} |")
+    return "\n".join(lines)
 
 
 def add_ratios(rows: list[dict[str, Any]], flops: dict[str, float]) -> None:
@@ -195,12 +252,12 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_results(path: Path, text: str) -> None:
-    """Replace this script's section of RESULTS.md (or append it), leaving others' alone."""
+def write_results(path: Path, text: str, section: str = SECTION) -> None:
+    """Replace a script's `section` of RESULTS.md (or append it), leaving others' alone."""
     old = path.read_text() if path.exists() else "# Benchmark results\n"
-    if SECTION in old:
-        start = old.index(SECTION)
-        end = old.find("\n## ", start + len(SECTION))
+    if section in old:
+        start = old.index(section)
+        end = old.find("\n## ", start + len(section))
         old = old[:start] + (old[end + 1:] if end != -1 else "")
     path.write_text(old.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n")
 
@@ -215,6 +272,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "baseline,fold-masks,linear-relu,fold-masks+linear-relu")
     p.add_argument("--eager", default="fp32,fp16", help="eager rows to time (fp32 is the "
                    "numerics reference and always runs once)")
+    p.add_argument("--baseline-code", default=None, metavar="DIR",
+                   help="another checkout's codetr_stream namespace folder (e.g. the last "
+                        "release): its engines are built with that code, side by side")
+    p.add_argument("--baseline-variant", default="fold-masks+linear-relu",
+                   help="the variant the --baseline-code engines are built with")
+    p.add_argument("--baseline-label", default="baseline code", help="their rows' name")
+    p.add_argument("--probe", action="store_true",
+                   help="also build every engine as a feature probe (bench/probe.py): encoder "
+                        "memory / decoder state cosine and per-query box drift against FP32 "
+                        "eager")
     p.add_argument("--engine", action="append", default=[], metavar="WxH=DIR",
                    help="prebuilt Inductor engine for a size (its batch sizes; else built here)")
     p.add_argument("--tensorrt", action="append", default=[], metavar="WxH=DIR",
@@ -248,27 +315,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def make_jobs(args: argparse.Namespace) -> list[Job]:
-    """Every (variant, size, batch) engine; prebuilt engines stand for the baseline variant."""
+    """Every (variant, size, batch) engine; prebuilt engines stand for the baseline variant;
+    --baseline-code adds that code's engines, --probe a feature probe per variant."""
     from codetr_stream.compile.configs import parse_config
+    from codetr_stream.compile.export import check_input_size
 
     cfg = parse_config(args.config)
     prebuilt = dict(e.split("=", 1) for e in args.engine)
     batches = [int(b) for b in args.batches.split(",")]
+    kinds = [(variant, None, "") for variant in args.variants.split(",")]
+    if args.baseline_code:
+        kinds.insert(0, (args.baseline_variant, str(Path(args.baseline_code).resolve()),
+                         args.baseline_label))
     jobs = []
-    for variant in args.variants.split(","):
+    for variant, code, label in kinds:
         parse_variant(variant)  # a clear error before any build
         for size in args.sizes.split(","):
             check_input_size(cfg, parse_size(size))
-            for batch in batches:
-                if variant == "baseline" and size in prebuilt:
+            probes = [(b, True) for b in batches] if args.probe else []
+            for batch, probe in [(b, False) for b in batches] + probes:
+                if variant == "baseline" and size in prebuilt and not (code or probe):
                     directory, built = prebuilt[size], True
                 else:
-                    name = f"{size}_b{batch}_{variant.replace('+', '-')}"
-                    directory, built = f"/tmp/codetr_bench_engine_{name}", False
+                    tag = "-".join(filter(None, [variant.replace("+", "-"), code and "code",
+                                                 probe and "probe"]))
+                    directory, built = f"/tmp/codetr_bench_engine_{size}_b{batch}_{tag}", False
                 jobs.append(Job(size, parse_size(size), batch, variant, directory, args.config,
                                 args.seed, args.warmup, args.iters, built,
                                 str(args.profile) if args.profile else None, args.device,
-                                args.precision))
+                                args.precision, probe=probe, code=code, label=label))
     return jobs
 
 
@@ -284,6 +359,11 @@ def build_notes(outcomes: list[Outcome], checksum: float) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from codetr_stream.compile import build_model
+    from codetr_stream.compile.engines import load_engine
+    from codetr_stream.compile.engines.precision import PrecisionWrapper
+    from codetr_stream.compile.export import example_inputs
+
     args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench/engine.py needs a CUDA GPU (--device cpu: a smoke run of the script "
@@ -315,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
             if "fp16" in args.eager.split(",") else None)
     trt_dirs = dict(e.split("=", 1) for e in args.tensorrt)
     rows: list[dict[str, Any]] = []
+    features: list[dict[str, Any]] = []
     with gpu_lock(args.gpu_lock, started + args.deadline):
         for size in sizes:
             hw = parse_size(size)
@@ -323,26 +404,30 @@ def main(argv: list[str] | None = None) -> int:
                 extra["tensorrt fp16"] = load_engine(trt_dirs[size], device).infer
             for batch in sorted({int(b) for b in args.batches.split(",")}):
                 mine = [o for o in outcomes if o.job.size == size and o.job.batch == batch]
-                rows += eager_rows(model, fp16, hw, batch, mine, extra, args)
+                rows += eager_rows(model, fp16, hw, batch, [o for o in mine if not o.job.probe],
+                                   extra, args)
+                probes = [o for o in mine if o.job.probe]
+                if probes:
+                    features += feature_rows(model, fp16, hw, batch, probes)
                 if args.profile and fp16 is not None:
                     images, masks = example_inputs(batch, hw, device, seed=1)
                     with torch.inference_mode():
                         text = top_kernels(lambda i=images, m=masks: fp16(i, m))
                     (args.profile / f"profile_{size}_b{batch}_eager-fp16.txt").write_text(text)
             add_ratios(rows, flops)
-            emit(args, argv, device, rows, notes)  # now: a later step may run out of time
+            emit(args, argv, device, rows, features, notes)  # a later step may run out of time
     for variant in filter(None, args.warm_start.split(",")):
         done = [o for o in outcomes if o.job.variant == variant and o.error is None]
         if done:
             notes.append(f"{done[0].job.key}: {warm_start(Path(done[0].job.engine_dir))}")
             print(notes[-1], flush=True)
     notes.append(f"whole run {time.monotonic() - started:.0f} s")
-    emit(args, argv, device, rows, notes)
+    emit(args, argv, device, rows, features, notes)
     return 0
 
 
 def emit(args: argparse.Namespace, argv: list[str] | None, device: torch.device,
-         rows: list[dict[str, Any]], notes: list[str]) -> None:
+         rows: list[dict[str, Any]], features: list[dict[str, Any]], notes: list[str]) -> None:
     """The RESULTS.md section (printed too) and the JSON."""
     command = "python bench/engine.py " + " ".join(argv if argv is not None else sys.argv[1:])
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
@@ -355,10 +440,15 @@ def emit(args: argparse.Namespace, argv: list[str] | None, device: torch.device,
         "against FP32 eager on the same batch (agreement: share of FP32's top-k found in the "
         "variant's top-k, same label, IoU >= 0.9). GPU GiB: eager, the peak while timed; an "
         f"engine, all its process holds. Peak {PEAK_FP16 / 1e12:.1f} TFLOP/s dense FP16.", "",
-        table(rows), "", *[f"- {n}" for n in notes]])
+        table(rows), "", *(["Feature-level numerics against FP32 eager, worst image of the batch "
+                            "(bench/probe.py; probe engines are built like the timed ones, with "
+                            "the features as extra outputs):", "", feature_table(features), ""]
+                           if features else []),
+        *[f"- {n}" for n in notes]])
     print("\n" + text, flush=True)
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "notes": notes}, indent=2))
+        args.json.write_text(json.dumps({"rows": rows, "features": features, "notes": notes},
+                                        indent=2))
     write_results(args.results, text)
 
 

@@ -17,6 +17,7 @@ import io
 import math
 import os
 import statistics
+import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -75,10 +76,18 @@ class Job:
     profile_dir: str | None = None
     device: str = "cuda"
     precision: str = "fp16"
+    probe: bool = False  # build bench/probe.FeatureProbe(model): features out, not timed
+    code: str | None = None  # another checkout's codetr_stream namespace folder to build with
+    label: str = ""  # the row's name ("" = "inductor {precision} {variant}")
+
+    @property
+    def name(self) -> str:
+        name = self.label or f"inductor {self.precision} {self.variant}"
+        return f"{name} (probe)" if self.probe else name
 
     @property
     def key(self) -> str:
-        return f"{self.size} b{self.batch} {self.variant}"
+        return f"{self.size} b{self.batch} {self.name}"
 
 
 @dataclass
@@ -137,8 +146,30 @@ def config_dict(config: str) -> dict[str, Any]:
     return BUILTIN[config]() if config in BUILTIN else json.loads(Path(config).read_text())
 
 
+# Kernel classes by name, first match wins (cuBLAS/cuBLASLt GEMMs are "nvjet"/"gemm"/"xmma";
+# Inductor names its Triton kernels after the aten ops they fuse).
+KERNEL_CLASSES = (
+    ("MSDA", ("msda",)),
+    ("attention", ("window_attention", "fmha", "flash", "attention", "sdpa")),
+    ("norm", ("layer_norm", "group_norm", "native_batch_norm")),
+    ("pointwise/copy", ("triton_poi", "elementwise", "copy", "memcpy", "memset", "fill",
+                        "cat_", "index", "roll")),
+    ("GEMM", ("nvjet", "gemm", "xmma", "cutlass", "s16816", "sm90_", "relubias", "gelu",
+              "addmm", "_mm_", "bmm", "conv", "fprop")),
+)
+
+
+def kernel_class(name: str) -> str:
+    lowered = name.lower()
+    for cls, needles in KERNEL_CLASSES:
+        if any(n in lowered for n in needles):
+            return cls
+    return "other"
+
+
 def top_kernels(fn: Callable[[], Any], steps: int = 3, limit: int = 25) -> str:
-    """torch.profiler: the GPU kernels that take the most time, with their share."""
+    """torch.profiler: GPU time per kernel class (`KERNEL_CLASSES`), then the kernels that take
+    the most time, with their share."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -154,7 +185,16 @@ def top_kernels(fn: Callable[[], Any], steps: int = 3, limit: int = 25) -> str:
     events = [e for e in prof.key_averages() if own(e) > 0]
     total = sum(own(e) for e in events) or 1.0
     events.sort(key=own, reverse=True)
-    lines = [f"GPU busy {total / 1000 / steps:.2f} ms per run over {len(events)} kernel kinds"]
+    lines = [f"GPU busy {total / 1000 / steps:.2f} ms per run over {len(events)} kernel kinds",
+             "| class | ms per run | share | kernels per run |", "| --- | ---: | ---: | ---: |"]
+    classes: dict[str, list[float]] = {}
+    for e in events:
+        cls = classes.setdefault(kernel_class(e.key), [0.0, 0])
+        cls[0] += own(e)
+        cls[1] += e.count
+    for cls, (time_us, count) in sorted(classes.items(), key=lambda kv: -kv[1][0]):
+        lines.append(f"| {cls} | {time_us / 1000 / steps:.3f} | {100 * time_us / total:.1f}% | "
+                     f"{count // steps} |")
     for e in events[:limit]:
         lines.append(f"{100 * own(e) / total:5.1f}%  {own(e) / 1000 / steps:8.3f} ms  "
                      f"x{e.count // steps:<4} {e.key[:110]}")
@@ -182,6 +222,12 @@ def _build(job: Job, device: torch.device) -> tuple[Any, dict[str, Any]]:
     torch.manual_seed(job.seed)
     model = build_model(job.config, device=device).eval()
     info: dict[str, Any] = {"checksum": weights_checksum(model)}
+    if job.probe:
+        from probe import FeatureProbe, pass_every_output
+
+        if job.code:
+            pass_every_output()
+        model = FeatureProbe(model)
     passes, options = parse_variant(job.variant)
     engine, manifest = build_engine(
         model, job.engine_dir, backend="inductor", precision=job.precision, input_hw=job.hw,
@@ -198,7 +244,10 @@ def _build(job: Job, device: torch.device) -> tuple[Any, dict[str, Any]]:
 
 
 def _worker(job: Job, conn: Connection) -> None:
-    """Child process: build, report, wait for the go, check + time + profile, report, exit."""
+    """Child process: build, report, wait for the go, check + time + profile, report, exit.
+    A probe job reports its feature outputs instead of a timing."""
+    if job.code:  # before the first codetr_stream import (spawn copies the parent's sys.path)
+        sys.path.insert(0, job.code)
     from codetr_stream.compile.export import example_inputs
 
     device = torch.device(job.device)
@@ -215,6 +264,10 @@ def _worker(job: Job, conn: Connection) -> None:
     conn.recv()
     try:
         images, masks = example_inputs(job.batch, job.hw, device, seed=1)
+        if job.probe:
+            outputs = tuple(t.cpu() for t in engine._graphs[job.batch](images, masks))
+            conn.send(("done", {"ms": None, "gib": peak_gib(device)}, _to_bytes(outputs)))
+            return
         outputs = tuple(t.cpu() for t in engine.infer(images, masks))
         reset_peak(device)
         ms = median_ms(lambda: engine.infer(images, masks), job.warmup, job.iters)
@@ -235,7 +288,8 @@ def _profile(job: Job, fn: Callable[[], Any]) -> None:
             text = top_kernels(fn)
     except Exception as exc:
         text = f"profile failed: {_first_line(exc)}"
-    name = f"profile_{job.size}_b{job.batch}_{job.variant.replace('+', '-')}.txt"
+    tag = (job.label or job.variant).replace("+", "-").replace(" ", "_")
+    name = f"profile_{job.size}_b{job.batch}_{tag}.txt"
     (Path(job.profile_dir or ".") / name).write_text(text + "\n")
     print(f"--- profile {job.key}\n{text}", flush=True)
 
@@ -324,8 +378,9 @@ def run_jobs(jobs: list[Job], *, parallel: int, deadline: float,
                         outcome.info.update(message[1])
                         outcome.ms = message[1]["ms"]
                         outcome.outputs = torch.load(io.BytesIO(message[2]), weights_only=True)
-                        print(f"[{outcome.job.key}] {outcome.ms:.2f} ms median, "
-                              f"{message[1]['gib']} GiB", flush=True)
+                        timing = "probed" if outcome.ms is None else f"{outcome.ms:.2f} ms median"
+                        print(f"[{outcome.job.key}] {timing}, {message[1]['gib']} GiB",
+                              flush=True)
                     else:
                         outcome.error = message[1]
                         print(f"[{outcome.job.key}] failed: {outcome.error}", flush=True)

@@ -1,0 +1,179 @@
+"""Swin block pieces side by side on one GPU: the shifted-window attention and the MLP's first
+layer, at Swin-L's 1152x768 stage shapes, before a full engine build.
+
+    python bench/swin_block.py --batches 1,8 --stages 1,2,3,4
+
+Window attention (unshifted and shifted block of each stage):
+- "sdpa+copies": the previous engine's path (plugin/window_attention.windowed_sdpa): pad, roll,
+  window copies, fused SDPA (cuDNN on H100/H200) with the (windows*heads, N, N) mask precomputed
+  as the engine's fold-masks pass did, copies back; compiled by Inductor.
+- "kernel mM-nN-wW": the Triton op (plugin/window_kernel.py) at each launch shape (BLOCK_M
+  queries, BLOCK_N keys a step, W warps).
+MLP first layer + GELU:
+- "inductor": `gelu(linear(x))` compiled by Inductor (a cuBLAS GEMM, then a GELU pass).
+- "gelu-epilogue": the engine pass's `linear_gelu` (one cuBLASLt GEMM, GELU's tanh form).
+Everything in FP16, replayed in CUDA graphs; numerics first: max |error| against an FP32 run of
+the reference formula on the same inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from codetr_stream.compile.engines.passes import linear_gelu
+from codetr_stream.plugin.window_attention import (
+    window_attention_reference,
+    window_mask,
+    windowed_sdpa,
+)
+from codetr_stream.plugin.window_kernel import WindowLaunch, window_attention_triton
+from engine import median_ms, write_results  # bench/engine.py (this folder is on sys.path)
+from torch import Tensor
+
+SECTION = "## Swin block pieces (bench/swin_block.py)"
+# Swin-L at 1152x768: (token rows, token columns, channels, heads) per stage.
+STAGES = {1: (192, 288, 192, 6), 2: (96, 144, 384, 12), 3: (48, 72, 768, 24),
+          4: (24, 36, 1536, 48)}
+WINDOW, SHIFT = 12, 6
+LAUNCHES = ["16-16-1", "16-16-2", "16-32-2", "16-64-4", "32-32-2", "32-32-4", "32-64-4",
+            "64-32-4", "64-64-4", "64-64-8"]
+
+
+def graphed(fn: Callable[[], Tensor]) -> tuple[Callable[[], None], Tensor]:
+    """Warm up (compiles) and capture fn in a CUDA graph; returns replay and the output."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph.replay, out
+
+
+def measure(name: str, fn: Callable[[], Tensor], reference: Tensor,
+            row: dict[str, Any]) -> dict[str, Any]:
+    """One variant: its max |error| against `reference`, then its median ms (graph replay)."""
+    out = dict(row, variant=name)
+    try:
+        with torch.inference_mode():
+            replay, got = graphed(fn)
+            replay()
+            torch.cuda.synchronize()
+            out["max_err"] = float((got.float() - reference).abs().max())
+            out["ms"] = round(median_ms(replay, warmup=5, iters=50), 4)
+    except Exception as exc:  # a launch shape this GPU or Triton cannot run
+        out["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def attention_rows(stage: int, shift: int, batch: int, launches: list[str]) -> list[dict]:
+    height, width, channels, heads = STAGES[stage]
+    torch._dynamo.reset()  # a fresh compile per shape, not dynamo's recompile limit
+    g = torch.Generator(device="cuda").manual_seed(stage * 10 + shift)
+    qkv = torch.randn(batch, height * width, 3 * channels, device="cuda", generator=g)
+    bias = 0.5 * torch.randn(heads, WINDOW * WINDOW, WINDOW * WINDOW, device="cuda", generator=g)
+    fill = torch.randn(3 * channels, device="cuda", generator=g)
+    args = (height, width, WINDOW, shift, (channels // heads) ** -0.5)
+    with torch.inference_mode():
+        reference = window_attention_reference(qkv, bias, fill, *args)
+    qkv, bias, fill = qkv.half(), bias.half(), fill.half()
+    mask = window_mask(bias, height, width, WINDOW, shift)  # sizes divide: no padding here
+    compiled = torch.compile(windowed_sdpa, fullgraph=True, dynamic=False)
+    row = {"piece": "window attention", "stage": stage, "shift": shift, "batch": batch}
+    rows = [measure("sdpa+copies", lambda: compiled(qkv, mask, fill, *args), reference, row)]
+    for launch in launches:
+        shape = WindowLaunch(*(int(v) for v in launch.split("-")))
+        rows.append(measure(f"kernel m{shape.block_m}-n{shape.block_n}-w{shape.num_warps}",
+                            lambda shape=shape: window_attention_triton(qkv, bias, fill, *args,
+                                                                        launch=shape),
+                            reference, row))
+    return rows
+
+
+def gelu_rows(stage: int, batch: int) -> list[dict]:
+    height, width, channels, _ = STAGES[stage]
+    torch._dynamo.reset()
+    g = torch.Generator(device="cuda").manual_seed(stage)
+    x = torch.randn(batch * height * width, channels, device="cuda", generator=g)
+    weight = torch.randn(4 * channels, channels, device="cuda", generator=g) / channels ** 0.5
+    bias = 0.1 * torch.randn(4 * channels, device="cuda", generator=g)
+    with torch.inference_mode():
+        reference = F.gelu(F.linear(x, weight, bias))
+    x, weight, bias = x.half(), weight.half(), bias.half()
+    compiled = torch.compile(lambda: F.gelu(F.linear(x, weight, bias)), fullgraph=True)
+    row = {"piece": "fc1 + GELU", "stage": stage, "shift": "", "batch": batch}
+    return [measure("inductor", compiled, reference, row),
+            measure("gelu-epilogue", lambda: linear_gelu(x, weight, bias, None), reference, row)]
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: one line per (piece, stage, shift, batch), variants side by side as
+    'ms (x of the first variant) / max err'."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["piece"], r["stage"], r["shift"], r["batch"]), []).append(r)
+    lines = ["| piece | stage | shift | batch | variant: ms (x first) / max err vs FP32 |",
+             "| --- | --- | --- | --- | --- |"]
+    for (piece, stage, shift, batch), group in groups.items():
+        first = group[0].get("ms")
+        cells = []
+        for r in group:
+            if "ms" not in r:
+                cells.append(f"{r['variant']}: {r.get('error', 'failed')}")
+                continue
+            speed = f" ({first / r['ms']:.2f}x)" if first else ""
+            cells.append(f"{r['variant']}: {r['ms']:.3f}{speed} / {r['max_err']:.1e}")
+        lines.append(f"| {piece} | {stage} | {shift} | {batch} | " + "<br>".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--stages", default="1,2,3,4")
+    p.add_argument("--sweep-stages", default="1,3",
+                   help="stages that time every launch shape (the others: the default only)")
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--results", type=Path, default=None, help="RESULTS.md to write a section to")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench/swin_block.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    default = WindowLaunch()
+    default_launch = f"{default.block_m}-{default.block_n}-{default.num_warps}"
+    sweep = {int(s) for s in args.sweep_stages.split(",")}
+    rows: list[dict] = []
+    for batch in (int(b) for b in args.batches.split(",")):
+        for stage in (int(s) for s in args.stages.split(",")):
+            for shift in (0, SHIFT):
+                rows += attention_rows(stage, shift, batch,
+                                       LAUNCHES if stage in sweep else [default_launch])
+            rows += gelu_rows(stage, batch)
+    command = "python bench/swin_block.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = "\n".join([
+        SECTION, "", f"{torch.cuda.get_device_name()}, torch {torch.__version__}, "
+        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC; `{command}`; FP16, CUDA-graph replay, median "
+        "of 50 CUDA-event timings; max |error| against FP32 on the same inputs.", "",
+        table(rows)])
+    print("\n" + text, flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    if args.results:
+        write_results(args.results, text, SECTION)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
