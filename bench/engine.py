@@ -198,8 +198,9 @@ def feature_rows(model: torch.nn.Module, fp16: torch.nn.Module | None, hw: tuple
 
 
 def feature_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| size | batch | variant | memory 1-cos | memory max err (rel.) | queries on the "
-             "same token | their state 1-cos | their box drift p99 / max px | finite |",
+    lines = ["| size | batch | variant | memory 1-cos | memory max err (rel.) | queries with "
+             "the same slot + token | their state 1-cos | their box drift p99 / max px | "
+             "finite |",
              "|" + " --- |" * 9]
     for r in rows:
         if "error" in r:

@@ -71,10 +71,10 @@ def _relative_max_error(ref: Tensor, got: Tensor) -> float:
 def feature_drift(reference: tuple[Tensor, ...], got: tuple[Tensor, ...],
                   hw: tuple[int, int]) -> dict[str, float | bool]:
     """Probe outputs of a variant against the FP32 reference's, per image, worst image reported:
-    1 - cosine and max |error| / max |value| of the encoder memory; the queries both runs
-    selected from the same encoder token, their share, 1 - cosine of their last decoder state,
-    and the largest difference of their final boxes in input pixels (p99 and max); whether
-    every output is finite."""
+    1 - cosine and max |error| / max |value| of the encoder memory; the queries both runs have
+    in the same slot with the same encoder token, their share, 1 - cosine of their last decoder
+    state, and the largest difference of their final boxes in input pixels (p99 and max);
+    whether every output is finite."""
     ref = {k: t.cpu() for k, t in zip(FEATURES, reference[3:], strict=True)}
     out = {k: t.cpu() for k, t in zip(FEATURES, got[3:], strict=True)}
     h, w = hw
@@ -83,15 +83,14 @@ def feature_drift(reference: tuple[Tensor, ...], got: tuple[Tensor, ...],
     for i in range(ref["memory"].shape[0]):
         memory_cos.append(_one_minus_cosine(ref["memory"][i], out["memory"][i]))
         memory_err.append(_relative_max_error(ref["memory"][i], out["memory"][i]))
-        where = {int(t): q for q, t in enumerate(ref["query_tokens"][i])}
-        pairs = [(q, where[int(t)]) for q, t in enumerate(out["query_tokens"][i])
-                 if int(t) in where]
-        shares.append(len(pairs) / out["query_tokens"].shape[1])
-        if pairs:
-            mine, theirs = (torch.tensor(p) for p in zip(*pairs, strict=True))
-            state_cos.append(_one_minus_cosine(ref["state"][i][theirs], out["state"][i][mine]))
-            moved = (out["query_boxes"][i][mine].double()
-                     - ref["query_boxes"][i][theirs].double()).abs() * scale
+        # A query is its slot (the content embedding is the slot's) and its token (the
+        # position): the same query is the same slot holding the same token in both runs.
+        same = out["query_tokens"][i] == ref["query_tokens"][i]
+        shares.append(float(same.double().mean()))
+        if same.any():
+            state_cos.append(_one_minus_cosine(ref["state"][i][same], out["state"][i][same]))
+            moved = (out["query_boxes"][i][same].double()
+                     - ref["query_boxes"][i][same].double()).abs() * scale
             drifts.append(moved.amax(-1))
     drift = torch.cat(drifts) if drifts else torch.full((1,), float("nan"), dtype=torch.float64)
     return {"memory_1_minus_cos": max(memory_cos), "memory_rel_max_err": max(memory_err),
