@@ -11,7 +11,7 @@ $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[daemon,dev,kernel]"
+	$(BIN)/pip install -q -e ".[daemon,dev,eval,kernel]"
 	touch $@
 
 venv: $(BIN)/.installed

@@ -13,11 +13,13 @@ import logging
 import sys
 from collections.abc import Sequence
 
-# Offline side first (checkpoint -> engine), then the service side (engine -> detections).
+# Offline side first (checkpoint -> engine), then the service side (engine -> detections),
+# then accuracy (engine -> COCO AP).
 COMMAND_MODULES = (
     "codetr_stream.compile.cli",
     "codetr_stream.daemon.commands",
     "codetr_stream.daemon.scaleout_commands",
+    "codetr_stream.daemon.eval_commands",
 )
 
 
