@@ -17,6 +17,12 @@
 #                                         # .baseline/codetr_stream`) against this tree's, batch 1
 #                                         # and 8, eager FP32/FP16, feature probes, kernel-class
 #                                         # profiles, all in one run (~8 min)
+#   bash bench/device_engine.sh release   # carry [".whl-eval"]: the engine as a user builds it
+#                                         # (`codetr-stream compile --batch 1,8`, timed cold), a
+#                                         # daemon-like warm start (fresh caches), its timing at
+#                                         # batch 1 and 8 with profiles, and `codetr-stream eval`
+#                                         # of it against FP32 eager (bench/eval_gpu.sh); the
+#                                         # engine stays in /tmp/codetr_release_engine (~7 min)
 #   bash bench/device_engine.sh blocks    # the GPU tests of the window-attention op (and the tiny
 #                                         # model on the GPU), then bench/swin_block.py: the Swin
 #                                         # block pieces side by side (~4 min)
@@ -88,6 +94,33 @@ case "${1:-sizes}" in
       | "${quiet[@]}" | tee "$out/bench.log"
     status=${PIPESTATUS[0]}
     ;;
+  release)
+    engine=/tmp/codetr_release_engine
+    eager=/tmp/codetr_release_eager  # the same seeded weights as an eager FP32 engine (eval)
+    log="$out/release.log"
+    timeout 90 python3 -m pytest -p no:cacheprovider -m gpu -q -rA tests/test_window_attention.py \
+      -k "compiles_fullgraph or 3-6" 2>&1 | tail -n 6 | tee "$log"
+    tests=${PIPESTATUS[0]}
+    started=$(date +%s)
+    timeout 400 python3 -m codetr_stream.daemon.cli compile --random-weights --seed 0 \
+      --backend inductor --precision fp16 --size 1152x768 --batch 1,8 --out "$engine" 2>&1 \
+      | grep -v Warning | tail -n 5 | tee -a "$log"
+    echo "cold build (codetr-stream compile --batch 1,8): $(($(date +%s) - started)) s" \
+      | tee -a "$log"
+    timeout 200 python3 -c "import sys; sys.path.insert(0, 'bench'); import engine; \
+      from pathlib import Path; print(engine.warm_start(Path('$engine')))" 2>&1 \
+      | tail -n 2 | tee -a "$log"
+    timeout 240 "${bench[@]}" --engine "1152x768=$engine" --sizes 1152x768 --batches 1,8 \
+      --iters 20 --eager fp32 --eager-warmup 1 --eager-iters 1 --profile "$profiles" \
+      --title "The engine as built by codetr-stream compile" 2>&1 | "${quiet[@]}" \
+      | tail -n 40 | tee -a "$log"
+    status=$((tests || PIPESTATUS[0]))
+    timeout 120 python3 -m codetr_stream.daemon.cli compile --random-weights --seed 0 \
+      --backend eager --precision fp32 --size 1152x768 --batch 8 --out "$eager" 2>&1 \
+      | grep -v Warning | tail -n 2 | tee -a "$log"
+    EVAL_IMAGES=${EVAL_IMAGES:-100} timeout 200 bash bench/eval_gpu.sh "$eager" "$engine"
+    status=$((status || $?))
+    ;;
   blocks)
     timeout 150 python3 -m pytest -p no:cacheprovider -m gpu -q -rA tests/test_window_attention.py \
       "tests/test_msda_gpu.py::test_tiny_model_same_outputs_with_kernel_as_with_reference" \
@@ -99,7 +132,8 @@ case "${1:-sizes}" in
     status=$((tests || PIPESTATUS[0]))
     ;;
   *)
-    echo "usage: bash bench/device_engine.sh sizes|variants|tuning|main|compare|blocks" >&2
+    echo "usage: bash bench/device_engine.sh sizes|variants|tuning|main|compare|release|blocks" \
+      >&2
     exit 2
     ;;
 esac
