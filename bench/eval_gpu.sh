@@ -4,11 +4,13 @@
 # is made here: drawn shapes with their boxes as labels (tests/coco_shapes.py), labelled with the
 # first engine's class names. The eager row is that engine's own weights (weights.pt and
 # config.json, which every engine directory keeps) run in FP32, and every row is also scored
-# against it (agreement AP: what FP16 changes, no labels needed). One call, ~2 min for the
-# default 200 images with a built Swin-L 1152x768 engine (its load is most of it):
+# against it (agreement AP: what FP16 changes, no labels needed). One call of an estimated
+# 1.5-2 min for the default 100 images with a built Swin-L 1152x768 engine (not yet run there;
+# its warm load is ~50 s, and pycocotools took 40 s per agreement score of 200 images x 300 boxes
+# on the loaded 2-core CPU here):
 #   carry [".whl-eval"]  bash bench/eval_gpu.sh ENGINE_DIR [MORE_ENGINE_DIRS...]
 # .whl-eval holds the wheels the machine lacks (pycocotools, pydantic and its dependencies),
-# installed into /tmp/site; WHEELS names another folder. Also: EVAL_IMAGES (200), EVAL_SIZES
+# installed into /tmp/site; WHEELS names another folder. Also: EVAL_IMAGES (100), EVAL_SIZES
 # (640x480,640x427,480x640,500x375: COCO-like, one portrait), EVAL_SCORE (the reference's score
 # threshold, 0.3), EVAL_DEVICE (cuda), PYTHON (python3). Files in $OUT: eval.md, eval.json,
 # eval.log. With random weights (what the GPU machine has) AP against the shapes is ~0 and only
@@ -27,7 +29,7 @@ if [ -d "$wheels" ]; then
 fi
 set_dir=$(mktemp -d)
 trap 'rm -rf "$set_dir"' EXIT
-"$py" tests/coco_shapes.py --out "$set_dir" --images "${EVAL_IMAGES:-200}" \
+"$py" tests/coco_shapes.py --out "$set_dir" --images "${EVAL_IMAGES:-100}" \
   --sizes "${EVAL_SIZES:-640x480,640x427,480x640,500x375}" --classes-from "$1" || exit 1
 engines=()
 for engine in "$@"; do engines+=(--engine "$engine"); done
