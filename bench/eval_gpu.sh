@@ -3,12 +3,14 @@
 # engines on one labelled set, in one run, with images/s. The machine has no network, so the set
 # is made here: drawn shapes with their boxes as labels (tests/coco_shapes.py), labelled with the
 # first engine's class names. The eager row is that engine's own weights (weights.pt and
-# config.json, which every engine directory keeps) run in FP32, and every row is also scored
-# against it (agreement AP: what FP16 changes, no labels needed). One call of an estimated
+# config.json: the first engine must be an eager one, e.g. `codetr-stream compile --backend eager
+# --precision fp32` with the same --random-weights --seed as the others; inductor engines keep
+# their weights inside program.pt2) run in FP32, and every row is also scored against it
+# (agreement AP: what FP16 changes, no labels needed). One call of an estimated
 # 1.5-2 min for the default 100 images with a built Swin-L 1152x768 engine (not yet run there;
 # its warm load is ~50 s, and pycocotools took 40 s per agreement score of 200 images x 300 boxes
 # on the loaded 2-core CPU here):
-#   carry [".whl-eval"]  bash bench/eval_gpu.sh ENGINE_DIR [MORE_ENGINE_DIRS...]
+#   carry [".whl-eval"]  bash bench/eval_gpu.sh EAGER_ENGINE_DIR [MORE_ENGINE_DIRS...]
 # .whl-eval holds the wheels the machine lacks (pycocotools, pydantic and its dependencies),
 # installed into /tmp/site; WHEELS names another folder. Also: EVAL_IMAGES (100), EVAL_SIZES
 # (640x480,640x427,480x640,500x375: COCO-like, one portrait), EVAL_SCORE (the reference's score
@@ -20,7 +22,8 @@ set -uo pipefail
 # shellcheck source=bench/device_env.sh
 source "$(dirname "$0")/device_env.sh"
 py=${PYTHON:-python3}
-[ $# -ge 1 ] || { echo "usage: bash bench/eval_gpu.sh ENGINE_DIR [MORE_ENGINE_DIRS...]" >&2; exit 2; }
+[ $# -ge 1 ] || { echo "usage: bash bench/eval_gpu.sh EAGER_ENGINE_DIR [MORE_ENGINE_DIRS...]" >&2
+                  exit 2; }
 wheels=${WHEELS:-.whl-eval}
 if [ -d "$wheels" ]; then
   "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \

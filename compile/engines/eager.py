@@ -28,7 +28,7 @@ def save_config(out_dir: Path, manifest: Manifest) -> None:
 
 
 def save_model_files(model: nn.Module, out_dir: Path, manifest: Manifest) -> None:
-    """Write weights.pt and config.json (every backend keeps them: the rebuild inputs)."""
+    """Write weights.pt and config.json: what the eager backend loads."""
     state = {k: v.detach().to("cpu", copy=True).contiguous()
              for k, v in model.state_dict().items()}
     meta = {"dataset_meta": {"classes": list(manifest.class_names)}}
