@@ -44,7 +44,8 @@ RUN apt-get update \
  && chown -R codetr-stream:codetr-stream /var/lib/codetr-stream /var/cache/codetr-stream
 COPY --from=build /opt/venv /opt/venv
 COPY docker/entrypoint.sh /usr/local/bin/codetr-stream-entrypoint
-# `video` makes the NVIDIA container runtime mount libnvcuvid (NVDEC) next to the CUDA driver.
+# `video` makes the NVIDIA container runtime mount libnvcuvid (NVDEC) and libnvidia-encode (which
+# PyNvVideoCodec loads at import) next to the CUDA driver.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility,video \
