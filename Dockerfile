@@ -1,7 +1,9 @@
-# codetr-stream daemon image. Build: `docker build -t codetr-stream .`; run: see the README
-# ("Docker"). PyTorch and the other GPU libraries bring their own CUDA user-space from PyPI, so the
-# base only needs the CUDA runtime and the NVIDIA container hooks; the driver comes from the host.
-ARG BASE_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04
+# codetr-stream daemon image. Build: `make image` (podman) or the docker line in the README
+# ("Container image"). Any Debian/Ubuntu base with python3 >= 3.11 works (Debian 12+, Ubuntu
+# 24.04+): torch's CUDA wheels bring the CUDA user space (cuBLAS, cuDNN, NVRTC, ...) and the host's
+# NVIDIA container toolkit mounts the driver (libcuda) and NVDEC (libnvcuvid), so no vendor CUDA
+# base image is needed.
+ARG BASE_IMAGE=docker.io/library/debian:bookworm-slim
 
 FROM ${BASE_IMAGE} AS build
 # hadolint ignore=DL3008
@@ -10,9 +12,17 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-# torch alone first: the largest layer, kept in the build cache while the project changes.
-ARG TORCH_VERSION=2.11.0
-RUN pip install --no-cache-dir "torch==${TORCH_VERSION}"
+# A CA bundle for pip other than the base's (a TLS-inspecting proxy's: mount the host's bundle
+# into the build and name it here; an ARG, so it is in no layer of the final image).
+ARG PIP_CERT
+# torch alone first: the largest layer, kept in the build cache while the project changes. TORCH
+# is the requirement, TORCH_PIP_ARGS where pip looks for it: by default PyPI, whose Linux torch is
+# the CUDA build; `--find-links /wheels` with a wheel folder mounted there (podman build
+# -v DIR:/wheels:ro) takes a local wheel, e.g. the CPU build for the test image (`make image-cpu`).
+ARG TORCH=torch==2.11.0
+ARG TORCH_PIP_ARGS=""
+# hadolint ignore=DL3013,SC2086
+RUN pip install --no-cache-dir ${TORCH_PIP_ARGS} "${TORCH}"
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY compile compile
@@ -34,7 +44,8 @@ RUN apt-get update \
  && chown -R codetr-stream:codetr-stream /var/lib/codetr-stream /var/cache/codetr-stream
 COPY --from=build /opt/venv /opt/venv
 COPY docker/entrypoint.sh /usr/local/bin/codetr-stream-entrypoint
-# `video` makes the NVIDIA container runtime mount libnvcuvid (NVDEC) next to the CUDA driver.
+# `video` makes the NVIDIA container runtime mount libnvcuvid (NVDEC) and libnvidia-encode (which
+# PyNvVideoCodec loads at import) next to the CUDA driver.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility,video \
