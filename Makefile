@@ -32,7 +32,7 @@ test: system-packages venv lint
 	$(BIN)/pytest -m "not gpu" -q
 
 demo: venv
-	$(BIN)/python -m codetr_stream.daemon.demo
+	$(BIN)/python -m codetr_stream.daemon.demo $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV)
