@@ -313,6 +313,7 @@ def test_run_with_a_port_in_use_refuses_in_one_line(tmp_path: Path, taken: str) 
 
 @pytest.mark.slow
 def test_ctrl_c_while_run_loads_the_engine_exits_at_once(tmp_path: Path) -> None:
+    from cli_helpers import interrupt
     from daemon_helpers import build_tiny_engine
 
     engine = build_tiny_engine(tmp_path / "engine")
@@ -320,17 +321,11 @@ def test_ctrl_c_while_run_loads_the_engine_exits_at_once(tmp_path: Path) -> None
                  'publish: {endpoint: "tcp://127.0.0.1:0"}\nhealth: {port: 0}\nstreams: []\n')
     daemon = subprocess.Popen([*CLI, "run", "--config", str(path)], stderr=subprocess.PIPE,
                               text=True)
-    try:
-        for line in daemon.stderr:
-            if "loading engine" in line:
-                break
-        daemon.send_signal(signal.SIGINT)
-        started = time.monotonic()
-        code = daemon.wait(timeout=60)
-        took = time.monotonic() - started
-    finally:
-        daemon.kill()
-        log = daemon.stderr.read()
+    for line in daemon.stderr:
+        if "loading engine" in line:
+            break
+    code, took = interrupt(daemon)
+    log = daemon.stderr.read()
     assert code == 0, log[-2000:]
     assert took < 2.0, f"exited {took:.1f} s after SIGINT"
-    assert "publishing on" not in log.split("stopped")[-1] and "Traceback" not in log
+    assert "Traceback" not in log

@@ -5,7 +5,6 @@ engine; a failed or interrupted one leaves nothing behind."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import interrupt
 
 TINY = ["--config", "tests/data/tiny_config.json"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,18 +162,11 @@ def test_ctrl_c_during_the_inductor_build_exits_at_once_and_removes_out(tmp_path
 
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
-    try:
-        assert seen.wait(300), "".join(lines)[-2000:]
-        time.sleep(3)  # inside Inductor's lowering and code generation
-        os.killpg(proc.pid, signal.SIGINT)
-        started = time.monotonic()
-        code = proc.wait(timeout=60)
-        took = time.monotonic() - started
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    seen.wait(300)
+    time.sleep(3)  # inside Inductor's lowering and code generation
+    code, took = interrupt(proc, group=True)
     thread.join(timeout=5)
+    assert seen.is_set(), "".join(lines)[-2000:]
     assert code == 130, "".join(lines)[-2000:]
     assert took < 3.0, f"exited {took:.1f} s after SIGINT"
     assert not out_dir.exists()

@@ -4,7 +4,6 @@ cameras, labelled columns, and `--seconds 0` running until Ctrl-C."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -12,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cli_helpers import interrupt
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,17 +38,12 @@ def test_demo_without_gstreamer_runs_until_ctrl_c(tmp_path: Path) -> None:
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    try:
-        assert both.wait(240), "".join(out)[-3000:]
-        time.sleep(1)  # still running after the first lines: --seconds 0 means until Ctrl-C
-        assert proc.poll() is None
-        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal sends
-        code = proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    both.wait(240)
+    time.sleep(1)  # still running after the first lines: --seconds 0 means until Ctrl-C
+    running = proc.poll() is None
+    code, _ = interrupt(proc, group=True, timeout=30)
     reader.join(timeout=10)
+    assert both.is_set() and running, "".join(out)[-3000:]
     stdout, stderr = "".join(out), proc.stderr.read()
     assert code == 0, stdout[-2000:] + stderr[-2000:]
     assert "Traceback" not in stdout + stderr
