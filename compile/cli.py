@@ -261,12 +261,18 @@ def _export(args: argparse.Namespace) -> int:
 
     cfg, _, _ = _check_model_args(args)
     device = _choose_device(args)
+    if args.out.is_dir():
+        raise UsageError(f"--out {args.out}: is a directory; pass the .pt2 file to write")
+    try:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out {args.out}: cannot create {args.out.parent} ({exc.strerror}); "
+                         "pass a writable path") from None
     model, _ = _load_model(args, cfg)
     model = model.to(device)
     started = time.perf_counter()
     program = export_for_batches(model, args.size, args.batch, device)[args.batch[-1]]
     seconds = time.perf_counter() - started
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     torch.export.save(program, str(args.out))
     images, masks = example_inputs(args.batch[-1], args.size, device, seed=1)
     with torch.no_grad():

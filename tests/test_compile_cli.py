@@ -85,6 +85,17 @@ def test_out_must_be_a_new_empty_or_engine_directory(tmp_path: Path, case: str) 
     assert [p.name for p in photos.iterdir()] == ["cat.jpg"]  # nothing written beside it
 
 
+@pytest.mark.parametrize("case", ["directory", "under-a-file"])
+def test_export_out_must_be_a_writable_file_path(tmp_path: Path, case: str) -> None:
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x\n")
+    out, text = {"directory": (tmp_path, f"--out {tmp_path}: is a directory; pass the .pt2"),
+                 "under-a-file": (a_file / "m.pt2", f"--out {a_file / 'm.pt2'}: cannot create "
+                                  f"{a_file}")}[case]
+    _one_line_error(cli("export", *TINY, "--random-weights", "--size", "160x128", "--device",
+                        "cpu", "--out", str(out)), text)
+
+
 def test_unknown_engine_pass_names_the_known_ones(tmp_path: Path) -> None:
     out = cli("compile", *TINY, "--random-weights", "--passes", "fold-masks,fast", "--out",
               str(tmp_path / "e"))
