@@ -139,8 +139,7 @@ def _engine_refusal(config: Any) -> str | None:
     """Why `run` would refuse `engine.path` on `engine.device` here (missing, stale, built for
     another machine, no GPU), or None: the manifest checks of a load, without loading."""
     try:
-        from codetr_stream.compile.engines import check_engine_dir
-        from codetr_stream.compile.engines.manifest import Manifest, ManifestError
+        from codetr_stream.compile.engines import Manifest, check_engine_dir
     except ImportError:  # a daemon-only install: `run` says it when it loads
         return None
     try:
@@ -149,7 +148,7 @@ def _engine_refusal(config: Any) -> str | None:
         from codetr_stream.daemon.service import select_devices
 
         check_engine_dir(config.engine.path, select_devices(config)[0])
-    except (ManifestError, *_engine_errors()) as exc:
+    except _engine_errors() as exc:
         return str(exc)
     return None
 
