@@ -4,6 +4,7 @@ engine; a failed or interrupted one leaves nothing behind."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -182,6 +183,21 @@ def test_ctrl_c_during_the_inductor_build_exits_at_once_and_removes_out(tmp_path
     assert took < 3.0, f"exited {took:.1f} s after SIGINT"
     assert not out_dir.exists()
     assert on_screen("".join(lines))[-1] == "codetr-stream compile: interrupted"
+    # Inductor's compile workers ignore SIGINT; they leave once they see their parent gone.
+    deadline = time.monotonic() + 30
+    while workers_of(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not workers_of(proc.pid)
+
+
+def workers_of(pid: int) -> list[int]:
+    """Inductor compile-worker processes started by `pid` (they carry --parent=PID)."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError):  # gone meanwhile
+            if f"--parent={pid}".encode() in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+    return found
 
 
 def test_fetch_weights_offline_is_one_line(tmp_path: Path) -> None:
