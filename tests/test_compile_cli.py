@@ -142,6 +142,7 @@ def test_cpu_defaults_build_the_cpu_engine_and_record_random_weights(tmp_path: P
     assert manifest["checkpoint"] is None
 
 
+@pytest.mark.slow
 def test_failed_build_leaves_no_out_directory_and_no_progress_bar(tmp_path: Path) -> None:
     bad = tmp_path / "model.pth"
     bad.write_text("not a checkpoint\n")
