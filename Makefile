@@ -7,12 +7,17 @@ TORCH ?= torch==2.13.0
 
 .PHONY: venv system-packages test lint demo clean
 
+# pip's output (and the build backend's warnings) goes to .venv/install.log, shown if a step fails.
+QUIET = >>$(VENV)/install.log 2>&1 || { cat $(VENV)/install.log; exit 1; }
+
 $(BIN)/.installed: pyproject.toml
-	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[daemon,dev,eval,kernel]"
-	touch $@
+	@echo "building $(VENV) (a few minutes the first time; log: $(VENV)/install.log)"
+	@$(PY) -m venv $(VENV)
+	@: >$(VENV)/install.log
+	@$(BIN)/pip install -q --upgrade pip $(QUIET)
+	@$(BIN)/pip install -q "$(TORCH)" $(QUIET)
+	@$(BIN)/pip install -q -e ".[daemon,dev,eval,kernel]" $(QUIET)
+	@touch $@
 
 venv: $(BIN)/.installed
 
@@ -21,13 +26,13 @@ system-packages:
 	@bash .ci/system-packages
 
 lint: venv
-	$(BIN)/ruff check .
+	$(BIN)/ruff check -q .
 
 test: system-packages venv lint
 	$(BIN)/pytest -m "not gpu" -q
 
 demo: venv
-	$(BIN)/python -m codetr_stream.daemon.demo
+	$(BIN)/python -m codetr_stream.daemon.demo $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV)

@@ -1,13 +1,15 @@
 """Offline subcommands: fetch-weights, export, compile, bench engine.
 
 Each handler turns the errors a user can cause (unknown config, missing weights file, bad size,
-no GPU, no TensorRT, offline) into one line on stderr and exit code 2; torch is imported only
-inside handlers so `codetr-stream --help` stays fast.
+no GPU, no TensorRT, offline) into one line on stderr (exit code 2 for bad input, 1 for what the
+machine or network refuses); torch is imported only inside handlers so `codetr-stream --help`
+stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -17,6 +19,7 @@ from typing import Any
 from codetr_stream.compile.configs import BUILTIN, ConfigError, parse_config
 
 BACKENDS = ("eager", "inductor", "tensorrt")
+PRECISIONS = ("fp16", "fp32")
 
 
 class UsageError(ValueError):
@@ -67,17 +70,23 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                          help="seeded random weights (for benchmarks; the manifest says so)")
     p.add_argument("--seed", type=int, default=0, help="seed for --random-weights")
     p.add_argument("--size", type=_size, default=(768, 1152), metavar="WxH",
-                   help="input canvas, W x H (default 1152x768)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: GPU if any)")
+                   help="input canvas, W x H (default: 1152x768)")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda, cuda:1 (default: the GPU if there is one, else cpu)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("fetch-weights", help="download the official Co-DINO checkpoint")
+    from codetr_stream.compile.weights import CACHE_ENV, CHECKPOINT_NAME, default_cache_dir
+
+    p = subparsers.add_parser(
+        "fetch-weights", help="download the official Co-DINO checkpoint",
+        description=f"Download {CHECKPOINT_NAME} (~900 MB, resumable, sha256-checked) into the "
+        f"cache: --cache-dir, else ${CACHE_ENV}, else $XDG_CACHE_HOME/codetr-stream, else "
+        f"~/.cache/codetr-stream; here that is {default_cache_dir()}. Prints the file's path.")
     p.add_argument("--url", default=None, help="checkpoint URL (default: OpenMMLab's)")
     p.add_argument("--cache-dir", type=Path, default=None,
-                   help="where to keep it (default: $CODETR_STREAM_CACHE or "
-                        "$XDG_CACHE_HOME/codetr-stream)")
-    p.add_argument("--no-progress", action="store_true")
+                   help=f"where to keep it (default: {default_cache_dir()})")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=_guard(_fetch_weights))
 
     p = subparsers.add_parser("export", help="torch.export the model at a fixed size (.pt2)")
@@ -86,46 +95,58 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="output .pt2 file")
     p.set_defaults(handler=_guard(_export))
 
-    p = subparsers.add_parser("compile", help="build an engine directory from a checkpoint")
+    p = subparsers.add_parser(
+        "compile", help="build an engine directory from a checkpoint",
+        description="Build an engine directory (weights or compiled program, manifest.json) "
+        "for `codetr-stream run`.\n\nDefaults follow the device: on a GPU Inductor FP16 (the "
+        "production engine), on a CPU eager FP32 (the CPU path; FP16 needs a GPU, and Inductor "
+        "on a CPU took 300-575 s to build the tiny test model where eager takes about 15 s).")
     _add_model_args(p)
-    p.add_argument("--precision", choices=("fp16", "fp32"), default="fp16")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="default: fp16 on a GPU, fp32 on the CPU")
     p.add_argument("--batch", type=_batches, default=[1, 2, 4, 8], help="e.g. 1,2,4,8")
-    p.add_argument("--backend", choices=BACKENDS, default="inductor")
+    p.add_argument("--backend", choices=BACKENDS, default=None,
+                   help="default: inductor on a GPU, eager on the CPU")
     p.add_argument("--aoti", action="store_true",
                    help="inductor: also package AOTInductor .pt2 files where torch can load them")
     p.add_argument("--passes", type=_passes, default=list(DEFAULT_PASSES),
                    metavar="A,B", help="inductor: engine graph passes (compile/engines/passes.py; "
                    f"default {','.join(DEFAULT_PASSES)}; '' for none)")
-    p.add_argument("--out", type=Path, required=True, help="engine directory")
+    p.add_argument("--out", type=Path, required=True,
+                   help="engine directory (new, empty, or an engine to rebuild)")
     p.set_defaults(handler=_guard(_compile))
 
     p = subparsers.add_parser("bench", help="benchmarks (from a source checkout)")
     sub = p.add_subparsers(dest="bench", metavar="WHAT", required=True)
     # Every argument goes to bench/engine.py: no option prefix of its own ("+"), so argparse
     # passes --sizes etc. through instead of rejecting them.
-    q = sub.add_parser("engine", help="eager vs Inductor vs TensorRT side by side (GPU)",
+    q = sub.add_parser("engine", help="eager vs Inductor vs TensorRT side by side (GPU); "
+                       "`bench engine --help` shows its options",
                        add_help=False, prefix_chars="+")
     q.add_argument("args", nargs=argparse.REMAINDER, help="arguments of bench/engine.py")
     q.set_defaults(handler=_guard(_bench_engine))
 
 
 def _guard(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Known user errors -> one line on stderr and exit code 2."""
+    """Known errors -> one line on stderr: exit code 2 for bad input (flags, config, size), 1
+    for what the machine or the network refuses (no TensorRT, offline, a broken checkpoint)."""
 
     def run(args: argparse.Namespace) -> int:
         from codetr_stream.compile.weights import FetchError
 
-        known: tuple[type[BaseException], ...] = (UsageError, ConfigError, FetchError)
+        usage: tuple[type[BaseException], ...] = (UsageError, ConfigError)
+        refused: tuple[type[BaseException], ...] = (FetchError,)
         try:
             from codetr_stream.compile.checkpoint import CheckpointError
             from codetr_stream.compile.engines.tensorrt import TensorRTUnavailable
             from codetr_stream.compile.export import SizeError
 
-            known += (CheckpointError, SizeError, TensorRTUnavailable)
+            usage += (SizeError,)
+            refused += (CheckpointError, TensorRTUnavailable)
             return handler(args)
-        except known as exc:
+        except usage + refused as exc:
             print(f"codetr-stream {args.command}: error: {exc}", file=sys.stderr)
-            return 2
+            return 2 if isinstance(exc, usage) else 1
 
     return run
 
@@ -138,28 +159,39 @@ def _fetch_weights(args: argparse.Namespace) -> int:
     return 0
 
 
-def _choose_device(args: argparse.Namespace, backend: str, precision: str) -> Any:
+def _choose_device(args: argparse.Namespace) -> Any:
     import torch
 
     if args.device is None:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        try:
-            device = torch.device(args.device)
-        except RuntimeError:
-            raise UsageError(f"--device {args.device}: not a device name; use cpu, cuda or "
-                             "cuda:N") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UsageError(f"--device {args.device}: no CUDA GPU is visible; build on the GPU "
-                             "machine, or use --device cpu --precision fp32 here")
-    if device.type == "cpu" and precision == "fp16":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise UsageError(f"--device {args.device}: not a device name; use cpu, cuda or "
+                         "cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: no CUDA GPU is visible; build on the GPU "
+                         "machine, or leave --device out to build the CPU engine here")
+    return device
+
+
+def _choose_build(args: argparse.Namespace, device: Any) -> tuple[str, str]:
+    """(backend, precision): the flags, else the device's defaults, said in one line."""
+    gpu = device.type == "cuda"
+    backend = args.backend or ("inductor" if gpu else "eager")
+    precision = args.precision or ("fp16" if gpu else "fp32")
+    if not gpu and precision == "fp16":
         raise UsageError("--precision fp16 needs a CUDA GPU and none is visible; use "
                          "--precision fp32 (CPU) or build on the GPU machine")
-    if device.type == "cpu" and backend == "tensorrt":
+    if not gpu and backend == "tensorrt":
         raise UsageError("--backend tensorrt needs a CUDA GPU and none is visible; build it on "
                          "a GPU machine with TensorRT, or use --backend eager --precision fp32 "
                          "here")
-    return device
+    if args.backend is None or args.precision is None:
+        print(f"codetr-stream compile: building {backend} {precision} on {device} (the "
+              f"defaults on a {'GPU' if gpu else 'CPU'}; --backend and --precision choose)",
+              file=sys.stderr)
+    return backend, precision
 
 
 def _check_model_args(args: argparse.Namespace) -> tuple[Any, str, dict[str, Any]]:
@@ -182,9 +214,10 @@ def _check_model_args(args: argparse.Namespace) -> tuple[Any, str, dict[str, Any
     return cfg, cfg.name, json.loads(Path(args.config).read_text())
 
 
-def _check_out(out: Path) -> None:
+def _check_out(out: Path) -> bool:
     """Create `out` unless it is a file or a directory of something else: a build writes several
-    files into it and replaces manifest.json, so a wrong --out must fail before, not litter."""
+    files into it and replaces manifest.json, so a wrong --out must fail before, not litter.
+    True when `out` is new or was empty: a failed build then removes it again."""
     from codetr_stream.compile.engines.manifest import MANIFEST_NAME
 
     if out.exists() and not out.is_dir():
@@ -194,11 +227,13 @@ def _check_out(out: Path) -> None:
         raise UsageError(f"--out {out}: not empty and not an engine directory (no "
                          f"{MANIFEST_NAME}); pass a new or empty directory, or delete it if it "
                          "is an interrupted build")
+    fresh = not out.is_dir() or not any(out.iterdir())
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"--out {out}: cannot create the directory ({exc.strerror}); pass a "
                          "writable path") from None
+    return fresh
 
 
 def _load_model(args: argparse.Namespace, cfg: Any) -> tuple[Any, str | None]:
@@ -229,13 +264,19 @@ def _export(args: argparse.Namespace) -> int:
     )
 
     cfg, _, _ = _check_model_args(args)
-    device = _choose_device(args, "eager", "fp32")
+    device = _choose_device(args)
+    if args.out.is_dir():
+        raise UsageError(f"--out {args.out}: is a directory; pass the .pt2 file to write")
+    try:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out {args.out}: cannot create {args.out.parent} ({exc.strerror}); "
+                         "pass a writable path") from None
     model, _ = _load_model(args, cfg)
     model = model.to(device)
     started = time.perf_counter()
     program = export_for_batches(model, args.size, args.batch, device)[args.batch[-1]]
     seconds = time.perf_counter() - started
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     torch.export.save(program, str(args.out))
     images, masks = example_inputs(args.batch[-1], args.size, device, seed=1)
     with torch.no_grad():
@@ -247,30 +288,44 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _compile(args: argparse.Namespace) -> int:
+    cfg, name, config = _check_model_args(args)
+    device = _choose_device(args)
+    backend, precision = _choose_build(args, device)
+    if backend == "tensorrt":
+        from codetr_stream.compile.engines.tensorrt import _import_torch_tensorrt
+
+        _import_torch_tensorrt()
+    fresh = _check_out(args.out)
+    try:
+        manifest, times = _build(args, cfg, name, config, device, backend, precision)
+    except BaseException:  # an error or Ctrl-C: no half-built engine left behind
+        if fresh:
+            shutil.rmtree(args.out, ignore_errors=True)
+        raise
+    _summary(args.out, manifest, times)
+    return 0
+
+
+def _build(args: argparse.Namespace, cfg: Any, name: str, config: dict[str, Any], device: Any,
+           backend: str, precision: str) -> tuple[Any, dict[str, float]]:
+    """Model -> engine -> numerics check, under a progress bar that is erased when it ends, so
+    an error is never printed after a half-drawn bar."""
     from codetr_stream.compile.engines import build_engine
     from codetr_stream.compile.engines.numerics import check_engine
     from tqdm import tqdm
 
-    cfg, name, config = _check_model_args(args)
-    device = _choose_device(args, args.backend, args.precision)
-    if args.backend == "tensorrt":
-        from codetr_stream.compile.engines.tensorrt import _import_torch_tensorrt
-
-        _import_torch_tensorrt()
-    _check_out(args.out)
     times: dict[str, float] = {}
-    with tqdm(total=3, desc="compile", unit="stage") as bar:
+    with tqdm(total=3, desc="compile", unit="stage", leave=False) as bar:
         started = time.perf_counter()
         bar.set_postfix_str("model")
         model, digest = _load_model(args, cfg)
         times["model"] = time.perf_counter() - started
         bar.update()
-        bar.set_postfix_str(f"{args.backend} build")
+        bar.set_postfix_str(f"{backend} build")
         started = time.perf_counter()
-        options = ({"aoti": args.aoti, "passes": args.passes}
-                   if args.backend == "inductor" else {})
+        options = {"aoti": args.aoti, "passes": args.passes} if backend == "inductor" else {}
         engine, manifest = build_engine(
-            model, args.out, backend=args.backend, precision=args.precision, input_hw=args.size,
+            model, args.out, backend=backend, precision=precision, input_hw=args.size,
             batch_sizes=args.batch, config_name=name, config=config, device=device,
             checkpoint=str(args.weights) if args.weights else None, checkpoint_sha256=digest,
             seed=None if args.weights else args.seed, **options)
@@ -282,8 +337,7 @@ def _compile(args: argparse.Namespace) -> int:
         manifest.save(args.out)
         times["verify"] = time.perf_counter() - started
         bar.update()
-    _summary(args.out, manifest, times)
-    return 0
+    return manifest, times
 
 
 def _summary(out: Path, manifest: Any, times: dict[str, float]) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -24,23 +25,35 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from codetr_stream.daemon.cli import positive_float, positive_int
+from codetr_stream.daemon.detections import SCHEMA_VERSION
+
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 DEFAULT_UNIT = "codetr-stream"
+# The published messages' JSON Schemas (a test validates real messages against them).
+DETECTIONS_SCHEMA = "docs/schema/detections.schema.json"
+STATUS_SCHEMA = "docs/schema/status.schema.json"
+REFUSES = 3  # check-config: the file is valid, but `run` would refuse the engine
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("run", help="run the detection daemon",
-                              description="Read cameras, detect, publish on ZeroMQ.")
+                              description="Read cameras, detect, publish on ZeroMQ. Refuses to "
+                              "start (one line, exit 1) on any config problem or an engine that "
+                              "cannot run here; SIGINT/SIGTERM stop it, SIGHUP reloads the config.")
     p.add_argument("--config", type=Path, default=Path("streams.yaml"), help="streams.yaml")
     p.add_argument("--shard-index", type=int, default=None,
                    help="this worker's index of $CODETR_SHARD_REPLICAS (default: "
                    "$CODETR_SHARD_INDEX, else a StatefulSet pod ordinal in $HOSTNAME)")
     p.set_defaults(handler=run_command)
 
-    p = subparsers.add_parser("check-config", help="validate a streams.yaml",
-                              description="Print every problem as file:line: field: message "
-                              "(hint); exit 1 if there is any, else print a summary.")
-    p.add_argument("file", type=Path)
+    p = subparsers.add_parser(
+        "check-config", help="validate a streams.yaml",
+        description="Print every problem as file:line: field: message (hint) and exit 1; else, "
+        "if `run` would still refuse to start (the engine is missing, stale or needs a GPU that "
+        "is not here), print `FILE: run would refuse: engine: REASON` first and exit 3; else "
+        "print FILE: OK and a summary (passwords masked) and exit 0.")
+    p.add_argument("file", type=Path, help="the streams.yaml to check")
     p.set_defaults(handler=check_config_command)
 
     p = subparsers.add_parser("reload", help="make the running daemon re-read its config",
@@ -51,36 +64,54 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help=f"use `systemctl reload UNIT` (default unit: {DEFAULT_UNIT})")
     p.set_defaults(handler=reload_command)
 
-    p = subparsers.add_parser("subscribe", help="print published messages as JSON lines",
-                              description="Connect to a daemon's ZeroMQ publisher and print one "
-                              "JSON object per message.")
-    p.add_argument("--endpoint", default=DEFAULT_ENDPOINT, help=f"default {DEFAULT_ENDPOINT}")
+    p = subparsers.add_parser(
+        "subscribe", help="print published messages as JSON lines",
+        description="Connect to a daemon's (or the proxy's) ZeroMQ publisher and print one JSON "
+        "object per message; lost messages are reported on stderr.\n\n"
+        "Topics: det.<stream>| (one message per processed frame) and status.<stream>| (one "
+        "heartbeat per stream every publish.status_interval_s). Every message carries "
+        f"schema_version {SCHEMA_VERSION}; the JSON Schemas are {DETECTIONS_SCHEMA} and "
+        f"{STATUS_SCHEMA} in the source repository.")
+    p.add_argument("--endpoint", type=_endpoint, default=DEFAULT_ENDPOINT,
+                   help="the publisher: tcp://HOST:PORT or ipc:///path")
     p.add_argument("--stream", action="append", metavar="NAME",
                    help="only this stream (repeatable); default all")
     p.add_argument("--status", action="store_true",
-                   help="print the per-stream heartbeats instead of detections")
-    p.add_argument("--count", type=int, metavar="N", help="exit 0 after N messages")
-    p.add_argument("--timeout", type=float, metavar="S",
-                   help="exit 1 when nothing arrives for S seconds")
+                   help="print the status.<stream>| heartbeats instead of det.<stream>| detections")
+    p.add_argument("--count", type=positive_int, metavar="N",
+                   help="exit 0 after N messages (default: run until Ctrl-C)")
+    p.add_argument("--timeout", type=positive_float, metavar="S",
+                   help="exit 1 when nothing arrives for S seconds (default: wait forever)")
     p.set_defaults(handler=subscribe_command)
 
 
-def _engine_manifest(engine_dir: Path) -> tuple[Any, str | None]:
-    """(the engine's manifest, None) if it is built and readable, else (None, why not)."""
-    try:
-        from codetr_stream.compile.engines.manifest import Manifest, ManifestError
-    except ImportError:  # a daemon-only install
-        return None, None
-    try:
-        return Manifest.load(engine_dir), None
-    except ManifestError as exc:  # not built yet: fine for a check, `run` refuses it
-        return None, str(exc)
+def _endpoint(text: str) -> str:
+    """An argparse type: a ZeroMQ endpoint a SUB socket can connect to, checked here so that a
+    typo is a usage line, not a ZMQError traceback."""
+    scheme, sep, rest = text.partition("://")
+    if scheme == "tcp" and sep:
+        host, colon, port = rest.rpartition(":")
+        if not (colon and host and port.isdigit() and 0 < int(port) < 65536):
+            raise argparse.ArgumentTypeError(
+                f"{text!r} needs a host and a port 1-65535, e.g. tcp://127.0.0.1:5555")
+        return text
+    if scheme in ("ipc", "inproc") and sep and rest:
+        return text
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is not a ZeroMQ endpoint; use tcp://HOST:PORT (e.g. {DEFAULT_ENDPOINT}) or "
+        "ipc:///path")
 
 
 def _engine_class_names(engine_dir: Path) -> tuple[str, ...] | None:
     """The class names in the engine's manifest, if it is already built and readable."""
-    manifest, _ = _engine_manifest(engine_dir)
-    return (tuple(manifest.class_names) or None) if manifest is not None else None
+    try:
+        from codetr_stream.compile.engines.manifest import Manifest, ManifestError
+    except ImportError:  # a daemon-only install
+        return None
+    try:
+        return tuple(Manifest.load(engine_dir).class_names) or None
+    except ManifestError:  # not built yet: fine for a check, `run` refuses it
+        return None
 
 
 def _load(path: Path):
@@ -104,18 +135,36 @@ def _load(path: Path):
         return None
 
 
+def _engine_refusal(config: Any) -> str | None:
+    """Why `run` would refuse `engine.path` on `engine.device` here (missing, stale, built for
+    another machine, no GPU), or None: the manifest checks of a load, without loading."""
+    try:
+        from codetr_stream.compile.engines import Manifest, check_engine_dir
+    except ImportError:  # a daemon-only install: `run` says it when it loads
+        return None
+    try:
+        if config.engine.device != "cuda":  # a missing engine is found before torch loads
+            Manifest.load(config.engine.path)
+        from codetr_stream.daemon.service import select_devices
+
+        check_engine_dir(config.engine.path, select_devices(config)[0])
+    except _engine_errors() as exc:
+        return str(exc)
+    return None
+
+
 def check_config_command(args: argparse.Namespace) -> int:
     config = _load(args.file)
     if config is None:
         return 1
+    refusal = _engine_refusal(config)
+    if refusal is not None:
+        print(f"{args.file}: run would refuse: engine: {refusal}", file=sys.stderr, flush=True)
+    else:
+        print(f"{args.file}: OK")
     enabled = config.enabled_streams
-    print(f"{args.file}: OK")
     print(f"engine: {config.engine.path} (device {config.engine.device}, "
           f"gpus {list(config.engine.gpus)})")
-    _, problem = _engine_manifest(config.engine.path)
-    if problem is not None:
-        print(f"{args.file}: warning: `run` will refuse to start: engine: {problem}",
-              file=sys.stderr)
     print(f"batching: max_batch {config.batching.max_batch}, "
           f"max_wait_ms {config.batching.max_wait_ms:g}")
     print(f"publish: {config.publish.endpoint} (sndhwm {config.publish.sndhwm})")
@@ -126,7 +175,7 @@ def check_config_command(args: argparse.Namespace) -> int:
         state = "" if stream.enabled else " [disabled]"
         print(f"  {stream.name}: {stream.safe_url} ({stream.transport}, classes {classes}, "
               f"min_score {stream.min_score:g}{', roi' if stream.roi else ''}){state}")
-    return 0
+    return REFUSES if refusal is not None else 0
 
 
 @contextlib.contextmanager
@@ -159,16 +208,26 @@ def run_command(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"{args.config}: {exc}", file=sys.stderr)
         return 2
+    refusal = _engine_refusal(config)
+    if refusal is not None:
+        return _refuse(args.config, f"engine: {refusal}")
     # Until service.run installs its handler, a `reload` that found the pid file must not kill
     # the process (SIGHUP's default action): ignore it for that moment.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         with _pid_file(config.pid_file):
             return int(service.run(config, config_path=args.config, restrict=shard.restrict) or 0)
-    except _engine_errors() as exc:
-        print(f"{args.config}: engine: {exc}", file=sys.stderr)
-        print(f"{args.config}: refusing to start", file=sys.stderr)
-        return 1
+    except _engine_errors() as exc:  # what the manifest could not tell (e.g. no TensorRT)
+        return _refuse(args.config, f"engine: {exc}")
+    except OSError as exc:  # a port in use, an address not on this host: the message says which
+        logging.getLogger(__name__).debug("start failed", exc_info=True)
+        plain = exc.strerror and not exc.filename  # the message alone, without "[Errno 98]"
+        return _refuse(args.config, exc.strerror if plain else str(exc))
+
+
+def _refuse(config_path: Path, reason: str) -> int:
+    print(f"{config_path}: refusing to start: {reason}", file=sys.stderr)
+    return 1
 
 
 def _engine_errors() -> tuple[type[Exception], ...]:

@@ -5,7 +5,8 @@
 2. A tiny Co-DINO (the real architecture, shrunk) with RANDOM weights is built into an eager
    engine: on the GPU when there is one, else on the CPU.
 3. `codetr-stream run` starts on a generated streams.yaml, exactly as an operator would run it.
-4. A ZeroMQ subscriber prints one line per published frame for about ten seconds.
+4. A ZeroMQ subscriber prints one line per published frame for ten seconds (`--seconds`; 0
+   keeps it running until Ctrl-C, so the snapshot URL it prints can be opened meanwhile).
 
 The detections are meaningless (untrained weights): the demo shows the pipeline, not accuracy.
 For real detections compile the official checkpoint (`codetr-stream fetch-weights`, then
@@ -77,21 +78,26 @@ def load_test_module(name: str):
 
 @contextlib.contextmanager
 def cameras() -> Iterator[dict[str, str]]:
-    """Camera name -> RTSP URL: GStreamer's RTSP server where it is installed, else the small
-    replay server (PyAV only), so the demo needs nothing beyond the virtualenv."""
+    """Camera name -> RTSP URL: GStreamer's RTSP server where it is installed, else one small
+    replay server (PyAV only) per camera at that camera's size, so the demo needs nothing beyond
+    the virtualenv and its two cameras differ either way."""
     gst = load_test_module("rtsp_server")
     server = gst.RtspServer([f"{n}={spec}" for n, spec in CAMERAS.items()])
     try:
         server.start()
     except (RuntimeError, FileNotFoundError, OSError) as exc:
-        print(f"GStreamer's RTSP server is not available ({exc}); using tests/rtsp_replay.py "
-              "(`sudo bash .ci/system-packages` installs GStreamer on Debian)")
-        proc, port = load_test_module("rtsp_replay").start("320x240", 5)
-        try:
-            yield {n: f"rtsp://127.0.0.1:{port}/{n}" for n in CAMERAS}
-        finally:
-            proc.kill()
-            proc.wait()
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]  # not its traceback
+        print(f"GStreamer's RTSP server is not available ({why}); using tests/rtsp_replay.py "
+              "(`sudo bash .ci/system-packages` installs GStreamer on Debian)", flush=True)
+        with contextlib.ExitStack() as stack:
+            replay = load_test_module("rtsp_replay")
+            urls = {}
+            for name, spec in CAMERAS.items():
+                mount = gst.parse_mount(f"{name}={spec}")
+                srv = replay.ReplayServer(f"{mount['width']}x{mount['height']}", mount["fps"])
+                stack.callback(srv.stop)
+                urls[name] = srv.start().url(name)
+            yield urls
         return
     try:
         yield {n: server.url(n) for n in CAMERAS}
@@ -111,25 +117,35 @@ def write_config(path: Path, engine: Path, urls: dict[str, str], endpoint: str,
         f"streams:\n{streams}\n")
 
 
+HEADER = (f"{'stream':<6} {'frame':>5}  {'size':>7}  {'boxes':>5}  {'latency':>9}  "
+          "top detections: class score [x1, y1, x2, y2] (frame pixels)")
+
+
 def summary(message: dict) -> str:
+    """One line per published frame, in HEADER's columns; latency is capture -> publish."""
     dets = message["detections"]
     top = ", ".join(f"{d['class_name']} {d['score']:.2f} "
                     f"[{', '.join(f'{c:.0f}' for c in d['box'])}]" for d in dets[:2])
     latency = (message["publish_ns"] - message["capture_ns"]) / 1e6
-    return (f"{message['stream']} frame {message['frame_index']:4d}  "
-            f"{message['frame']['width']}x{message['frame']['height']}  "
-            f"{len(dets):2d} detections  {latency:6.1f} ms  {top}")
+    size = f"{message['frame']['width']}x{message['frame']['height']}"
+    return (f"{message['stream']:<6} {message['frame_index']:>5}  {size:>7}  {len(dets):>5}  "
+            f"{latency:>6.1f} ms  {top}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=10.0, help="how long to print")
+    parser.add_argument("--seconds", type=float, default=10.0,
+                        help="how long to print detections; 0 = until Ctrl-C (then the "
+                        "snapshot URL stays open)")
     args = parser.parse_args(argv)
+    if args.seconds < 0:
+        parser.error(f"--seconds must be 0 (until Ctrl-C) or more, got {args.seconds:g}")
     from codetr_stream.daemon.subscribe import subscribe
 
     ports = load_test_module("rtsp_server")
     print("NOTE: the demo model is a tiny Co-DINO with RANDOM, UNTRAINED weights. Its boxes "
           "and classes are meaningless; they show the pipeline working, not detection quality.")
+    code = None
     with tempfile.TemporaryDirectory(prefix="codetr-demo-") as tmp:
         tmp = Path(tmp)
         print("building the demo engine ...", flush=True)
@@ -140,18 +156,25 @@ def main(argv: list[str] | None = None) -> int:
             config = tmp / "streams.yaml"
             write_config(config, engine, urls, endpoint, health_port)
             print(f"RTSP cameras: {', '.join(urls.values())}")
-            print(f"daemon: codetr-stream run --config {config}")
+            print(f"daemon: codetr-stream run --config {config}", flush=True)
             daemon = subprocess.Popen([sys.executable, "-m", "codetr_stream.daemon.cli", "run",
                                        "--config", str(config)])
             try:
                 messages = subscribe(endpoint, idle_timeout_s=120)
-                print(summary(next(messages)), flush=True)
+                first = next(messages)
                 print(f"snapshots: http://127.0.0.1:{health_port}/snapshot/cam1.jpg (and cam2)")
-                stop_at = time.monotonic() + args.seconds
+                print("until " + ("Ctrl-C" if args.seconds == 0 else f"{args.seconds:g} s "
+                                  "(--seconds 0: until Ctrl-C)") + ":")
+                print(HEADER)
+                print(summary(first), flush=True)
+                stop_at = time.monotonic() + args.seconds if args.seconds else float("inf")
                 while time.monotonic() < stop_at:
                     print(summary(next(messages)), flush=True)
+            except KeyboardInterrupt:
+                print("stopping (Ctrl-C)")
             finally:
-                daemon.send_signal(signal.SIGTERM)
+                with contextlib.suppress(ProcessLookupError):
+                    daemon.send_signal(signal.SIGTERM)
                 code = daemon.wait(timeout=15)
     print(f"daemon exited with {code}")
     return 0 if code == 0 else 1
@@ -159,4 +182,7 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # before the daemon started: nothing left to stop
+        sys.exit(130)

@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 from codetr_stream.daemon import shard
+from codetr_stream.daemon.cli import positive_int
 
 log = logging.getLogger(__name__)
 
@@ -21,8 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Rendezvous-hash the streams of a config over N workers, as each worker will.",
     )
     p.add_argument("config", type=Path, help="streams.yaml")
-    p.add_argument("--replicas", type=int, required=True, help="number of workers")
-    p.add_argument("--from-replicas", type=int, metavar="M",
+    p.add_argument("--replicas", type=positive_int, required=True, help="number of workers")
+    p.add_argument("--from-replicas", type=positive_int, metavar="M",
                    help="also list the streams that move when scaling from M workers to N")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=shard_command)
@@ -39,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", action="append", metavar="ENDPOINT", required=True,
                    help="a worker's publish endpoint to connect to ('>tcp://host:5555'), or "
                    "an address to bind for publishers that connect (XSUB); repeatable")
-    p.add_argument("--replicas", type=int, metavar="N",
+    p.add_argument("--replicas", type=positive_int, metavar="N",
                    help="expand '{index}' in --backend to 0..N-1 (default: $CODETR_SHARD_REPLICAS)")
     p.add_argument("--hwm", type=int, default=10_000, help="high-water mark per socket, messages")
     # Off by default: the counter sees a copy of every message, which measured 2-3x the proxy's

@@ -6,6 +6,8 @@ Camera passwords never sit in the config file itself. A string may reference:
   systemd gives files of a `LoadCredential=streams:DIR` directory) in `$CREDENTIALS_DIRECTORY`,
   then `/run/secrets/NAME` (Docker/Compose secrets). Same lookup order as Frigate.
 - `${file:/abs/path}`: the contents of that file.
+- `${NAME:-default}`: as `${NAME}`, or `default` where it is not found (the shipped example
+  config checks as it is; the default is masked in logs like any substituted value).
 - `$${` is a literal `${`.
 
 File contents lose one trailing newline (what `echo secret > file` adds). Every substituted value
@@ -82,11 +84,14 @@ def substitute(text: str) -> str:
     def replace(match: re.Match[str]) -> str:
         if match.group(0) == "$${":
             return "${"
+        name, has_default, default = match.group(1).partition(":-")
         try:
-            value = _lookup(match.group(1))
+            value = _lookup(name)
         except SecretError as exc:
-            errors.append(str(exc))
-            return ""
+            if not has_default:
+                errors.append(str(exc))
+                return ""
+            value = default
         if len(value) >= MIN_REDACTED_LENGTH:
             _known_secrets.add(value)
         return value

@@ -147,6 +147,13 @@ class Service:
     # ---- life cycle ----
 
     def start(self) -> Service:
+        # Ports first: one that is taken fails in a second, not after the engine's warm-up
+        # (minutes on a GPU); /healthz says 503 (engine not warm) meanwhile.
+        self.publisher = Publisher(self.config.publish.endpoint, self.config.publish.sndhwm)
+        log.info("publishing on %s", self.publisher.endpoint)
+        self.health = HealthServer(liveness=self.liveness, metrics=self.metrics,
+                                   snapshots=self.snapshots, host=self.config.health.host,
+                                   port=self.config.health.port).start()
         for device in self.devices:
             log.info("loading engine %s on %s", self.config.engine.path, device)
             with _on(device):  # engines that capture CUDA graphs do it on the current device
@@ -161,11 +168,6 @@ class Service:
                         self.config.engine.path)
         self.class_names = self.workers[0].runner.class_names
         self.liveness.set_engine_warm()
-        self.publisher = Publisher(self.config.publish.endpoint, self.config.publish.sndhwm)
-        log.info("publishing on %s", self.publisher.endpoint)
-        self.health = HealthServer(liveness=self.liveness, metrics=self.metrics,
-                                   snapshots=self.snapshots, host=self.config.health.host,
-                                   port=self.config.health.port).start()
         for stream in self.config.enabled_streams:
             self._add_stream(stream)
         systemd.ready(f"{len(self.streams)} streams")
@@ -390,11 +392,18 @@ def run(config: DaemonConfig, *, stop_event: threading.Event | None = None,
     """
     stop = stop_event or threading.Event()
     reload = reload_event or threading.Event()
+    serving = threading.Event()
+
+    def on_stop(*_: object) -> None:
+        stop.set()
+        if not serving.is_set():  # mid engine load/warm-up (up to minutes): end it now
+            raise KeyboardInterrupt
+
     previous = {}
     if threading.current_thread() is threading.main_thread():
-        for sig, event in ((signal.SIGTERM, stop), (signal.SIGINT, stop),
-                           (signal.SIGHUP, reload)):
-            previous[sig] = signal.signal(sig, lambda *_, e=event: e.set())
+        for sig, handler in ((signal.SIGTERM, on_stop), (signal.SIGINT, on_stop),
+                             (signal.SIGHUP, lambda *_: reload.set())):
+            previous[sig] = signal.signal(sig, handler)
     service = Service(config, config_path=config_path, on_result=on_result, restrict=restrict,
                       devices=devices)
     interval = sys.getswitchinterval()
@@ -402,7 +411,11 @@ def run(config: DaemonConfig, *, stop_event: threading.Event | None = None,
         sys.setswitchinterval(switch_interval_s)
     try:
         service.start()
+        serving.set()
         service.serve(stop, reload)
+    except KeyboardInterrupt:
+        if not stop.is_set():  # a Ctrl-C of the embedding program, not our stop signal
+            raise
     finally:
         service.close()
         for sig, handler in previous.items():

@@ -23,11 +23,14 @@ for arg in "$@"; do
 done
 
 # Fail fast with every config problem (file:line: field: message) before any compile; on
-# success this logs the summary (credentials redacted).
-codetr-stream check-config "$config" >&2 || {
+# success this logs the summary (credentials redacted). Exit code 3 is a valid file whose engine
+# `run` would refuse as it is (not built yet, or stale): what the steps below build or report.
+checked=0
+codetr-stream check-config "$config" >&2 || checked=$?
+if [ "$checked" -ne 0 ] && [ "$checked" -ne 3 ]; then
     echo "entrypoint: $config is invalid (errors above); not starting" >&2
     exit 2
-}
+fi
 
 engine=$(python3 -c 'import sys
 from codetr_stream.daemon.config import load_config

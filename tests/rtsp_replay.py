@@ -256,4 +256,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C in the terminal of `make demo` reaches it too
+        sys.exit(130)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -73,13 +74,57 @@ def test_check_config_names_a_missing_secret(tmp_path: Path) -> None:
 def test_check_config_success_prints_a_summary_without_passwords(tmp_path: Path) -> None:
     env = {"ENTRANCE_PASSWORD": "pw-entrance-123", "DOCK_USER": "dock-user",
            "DOCK_PASSWORD": "pw-dock-456"}
-    done = cli("check-config", str(ROOT / "streams.yaml"), env=env)
+    engine = tmp_path / "engine"
+    engine.mkdir()
+    _eager_manifest().save(engine)
+    text = (ROOT / "streams.yaml").read_text().replace("path: engines/co_dino_swin_l",
+                                                       f"path: {engine}")
+    path = write(tmp_path, text)
+    done = cli("check-config", str(path), env=env)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines()[0] == f"{ROOT / 'streams.yaml'}: OK"
+    assert done.stdout.splitlines()[0] == f"{path}: OK"
     assert "streams: 2 enabled of 3" in done.stdout
     assert "entrance: rtsp://***@192.0.2.10:554/Streaming/Channels/101" in done.stdout
     for secret in env.values():
         assert secret not in done.stdout + done.stderr
+
+
+def test_shipped_streams_yaml_checks_without_any_variable_set() -> None:
+    """The example is valid as shipped (its ${NAME:-default} placeholders); only the engine is
+    not built yet, which check-config says first, with exit code 3."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("ENTRANCE_PASSWORD", "DOCK_USER", "DOCK_PASSWORD")}
+    done = subprocess.run([*CLI, "check-config", "streams.yaml"], capture_output=True, text=True,
+                          timeout=60, env=env, cwd=ROOT)
+    assert done.returncode == 3, done.stderr
+    assert done.stderr.splitlines() == [
+        f"streams.yaml: run would refuse: engine: {ROOT / 'engines/co_dino_swin_l'}: no such "
+        "engine directory; fix the path, or build one with `codetr-stream compile --weights "
+        f"PATH --out {ROOT / 'engines/co_dino_swin_l'}`"]
+    assert "streams: 2 enabled of 3" in done.stdout
+    assert "change-me" not in done.stdout
+
+
+def test_a_reference_default_applies_only_where_the_variable_is_missing(tmp_path: Path) -> None:
+    engine = tmp_path / "engine"
+    engine.mkdir()
+    _eager_manifest().save(engine)
+    path = write(tmp_path, f"engine: {{path: {engine}}}\nstreams:\n"
+                 '  - {name: c1, url: "file:///clips/${CODETR_TEST_CLIP:-cam}.mp4"}\n')
+    env = {k: v for k, v in os.environ.items() if k != "CODETR_TEST_CLIP"}
+    unset = subprocess.run([*CLI, "check-config", str(path)], capture_output=True, text=True,
+                           timeout=60, env=env)
+    assert unset.returncode == 0, unset.stderr
+    assert "c1: file:///clips/cam.mp4" in unset.stdout
+    done = cli("check-config", str(path), env={"CODETR_TEST_CLIP": "lot"})
+    assert "c1: file:///clips/lot.mp4" in done.stdout
+
+
+def _eager_manifest():
+    from codetr_stream.compile.engines.manifest import Manifest
+
+    return Manifest(backend="eager", precision="fp32", input_hw=(256, 320), batch_sizes=[1],
+                    config_name="tiny", config={}, class_names=[], random_weights=True, seed=0)
 
 
 def test_yaml_syntax_error_has_a_line(tmp_path: Path) -> None:
@@ -193,7 +238,7 @@ def test_class_names_come_from_the_engine_manifest_when_built(tmp_path: Path) ->
     assert done.returncode == 1
     assert "unknown classes 'person'; use one of the model's 2 class names" in done.stderr
     unbuilt = write(tmp_path, "engine: {path: nowhere}\nstreams:\n" + stream % "person", "u.yaml")
-    assert cli("check-config", str(unbuilt)).returncode == 0  # COCO until the engine exists
+    assert cli("check-config", str(unbuilt)).returncode == 3  # COCO until the engine exists
 
 
 @pytest.mark.parametrize("case", ["missing", "other-gpu", "cuda-without-gpu"])
@@ -218,28 +263,69 @@ def test_run_refuses_an_engine_it_cannot_load_in_one_line(tmp_path: Path, case: 
                  "streams: []\n")
     done = cli("run", "--config", str(path))
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
-    *_, problem, last = done.stderr.splitlines()
-    assert last == f"{path}: refusing to start"
-    assert problem.startswith(f"{path}: engine: "), problem
+    [problem] = done.stderr.splitlines()
+    assert problem.startswith(f"{path}: refusing to start: engine: "), problem
     expected = {
         "missing": [f"{engine}: no such engine directory; fix the path, or build one with "
                     f"`codetr-stream compile --weights PATH --out {engine}`"],
         "other-gpu": ["cannot run here: fp16 engines need a CUDA GPU, this device is cpu; built "
                       "for cuda (NVIDIA H100 80GB HBM3), running on cpu (cpu)",
                       f"Rebuild it on this machine: codetr-stream compile --config "
-                      f"co_dino_swin_l --random-weights --seed 0 --precision fp16 "
-                      f"--size 320x256 --batch 1 --backend inductor --out {engine}"],
+                      f"co_dino_swin_l --random-weights --seed 0 --precision fp32 "
+                      f"--size 320x256 --batch 1 --backend eager --out {engine}"],
         "cuda-without-gpu": ["engine.device is 'cuda' but no CUDA GPU is visible; set "
                              "engine.device: cpu (or auto)"],
     }[case]
     assert all(text in problem for text in expected), problem
 
 
-def test_check_config_warns_about_an_engine_run_would_refuse(tmp_path: Path) -> None:
+def test_check_config_says_first_that_run_would_refuse_and_exits_3(tmp_path: Path) -> None:
     path = write(tmp_path, "engine: {path: nowhere}\nstreams: []\n")
     done = cli("check-config", str(path))
-    assert done.returncode == 0, done.stderr  # a config can be checked before the engine exists
+    assert done.returncode == 3, done.stderr  # valid, but not runnable as it is
     assert done.stderr.strip() == (
-        f"{path}: warning: `run` will refuse to start: engine: {tmp_path / 'nowhere'}: no such "
-        "engine directory; fix the path, or build one with `codetr-stream compile --weights PATH "
+        f"{path}: run would refuse: engine: {tmp_path / 'nowhere'}: no such engine directory; "
+        "fix the path, or build one with `codetr-stream compile --weights PATH "
         f"--out {tmp_path / 'nowhere'}`")
+    assert not done.stdout.startswith(f"{path}: OK")
+
+
+@pytest.mark.parametrize("taken", ["publish", "health"])
+def test_run_with_a_port_in_use_refuses_in_one_line(tmp_path: Path, taken: str) -> None:
+    """Before the engine loads (minutes on a GPU), the taken port and the fix, no traceback."""
+    engine = tmp_path / "engine"
+    engine.mkdir()
+    _eager_manifest().save(engine)
+    with socket.create_server(("127.0.0.1", 0)) as holder:
+        port = holder.getsockname()[1]
+        endpoint = f"tcp://127.0.0.1:{port if taken == 'publish' else 0}"
+        path = write(tmp_path, f"engine: {{path: {engine}, device: cpu}}\n"
+                     f'publish: {{endpoint: "{endpoint}"}}\n'
+                     f"health: {{port: {port if taken == 'health' else 0}}}\nstreams: []\n")
+        done = cli("run", "--config", str(path))
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    last = done.stderr.splitlines()[-1]
+    assert last.startswith(f"{path}: refusing to start: "), last
+    assert f"127.0.0.1:{port}: Address already in use" in last
+    assert ("publish.endpoint" if taken == "publish" else "health.port") in last
+    assert "loading engine" not in done.stderr
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_run_loads_the_engine_exits_at_once(tmp_path: Path) -> None:
+    from cli_helpers import interrupt
+    from daemon_helpers import build_tiny_engine
+
+    engine = build_tiny_engine(tmp_path / "engine")
+    path = write(tmp_path, f"engine: {{path: {engine}, device: cpu}}\n"
+                 'publish: {endpoint: "tcp://127.0.0.1:0"}\nhealth: {port: 0}\nstreams: []\n')
+    daemon = subprocess.Popen([*CLI, "run", "--config", str(path)], stderr=subprocess.PIPE,
+                              text=True)
+    for line in daemon.stderr:
+        if "loading engine" in line:
+            break
+    code, took = interrupt(daemon)
+    log = daemon.stderr.read()
+    assert code == 0, log[-2000:]
+    assert took < 2.0, f"exited {took:.1f} s after SIGINT"
+    assert "Traceback" not in log

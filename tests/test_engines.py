@@ -124,9 +124,23 @@ def test_load_refuses_a_gpu_engine_on_this_machine_with_the_rebuild_command(
         load_engine(tmp_path, "cpu")
     message = str(info.value)
     assert "built for cuda (NVIDIA H100 80GB HBM3), running on cpu" in message
+    # The rebuild must work here: a GPU's Inductor engine becomes the CPU path's eager one.
     assert (f"codetr-stream compile --config co_dino_swin_l --random-weights --seed 0 "
-            f"--precision fp32 --size 1152x768 --batch 1,8 --backend inductor --out {tmp_path}"
+            f"--precision fp32 --size 1152x768 --batch 1,8 --backend eager --out {tmp_path}"
             in message)
+
+
+def test_rebuild_command_fits_the_machine_it_is_shown_on(tmp_path: Path) -> None:
+    """A GPU's FP16 engine refused on a CPU machine: the command shown must build there."""
+    gpu_fp16 = _manifest(precision="fp16", passes=["fold-masks"])
+    on_gpu = gpu_fp16.rebuild_command(tmp_path, "cuda")
+    assert "--precision fp16" in on_gpu and "--backend inductor --passes fold-masks" in on_gpu
+    on_cpu = gpu_fp16.rebuild_command(tmp_path, "cpu")
+    assert "--precision fp32" in on_cpu and "--backend eager" in on_cpu
+    assert "--passes" not in on_cpu
+    assert "--backend eager" in _manifest(backend="tensorrt").rebuild_command(tmp_path, "cpu")
+    cpu_inductor = _manifest(compute_capability=None, device_name="cpu")
+    assert "--backend inductor" in cpu_inductor.rebuild_command(tmp_path, "cpu")  # as chosen
 
 
 def test_malformed_manifests_are_named(tmp_path: Path) -> None:
@@ -164,7 +178,7 @@ def test_manifest_errors_say_how_to_build_or_rebuild(tmp_path: Path) -> None:
     assert message(engine).endswith(
         "format_version 2 is newer than the 1 this codetr-stream reads; upgrade codetr-stream, "
         "or rebuild the engine: codetr-stream compile --config co_dino_swin_l --random-weights "
-        f"--seed 0 --precision fp32 --size 1152x768 --batch 1,8 --backend inductor --out {engine}")
+        f"--seed 0 --precision fp32 --size 1152x768 --batch 1,8 --backend eager --out {engine}")
     (engine / "manifest.json").write_text(json.dumps({"backend": "inductor"}))
     assert message(engine).endswith(
         "format_version None is older than the 1 this codetr-stream reads; rebuild the engine: "

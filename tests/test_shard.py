@@ -130,3 +130,16 @@ def test_shard_command_prints_the_assignment(tmp_path) -> None:
     bad = subprocess.run([*cmd, "--replicas", "2"], capture_output=True, text=True)
     assert bad.returncode != 0
     assert f"{config}:3: streams[0].name" in bad.stderr
+
+
+@pytest.mark.parametrize("flag", ["--replicas", "--from-replicas"])
+def test_shard_command_refuses_zero_workers_in_one_line(tmp_path, flag: str) -> None:
+    config = tmp_path / "streams.yaml"
+    write_config(config, ["cam1"])
+    args = ["--replicas", "2", flag, "0"] if flag == "--from-replicas" else [flag, "0"]
+    done = subprocess.run([sys.executable, "-m", "codetr_stream.daemon.cli", "shard",
+                           str(config), *args], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"codetr-stream shard: error: argument {flag}: must be 1 or more, got 0 (see "
+        "`codetr-stream shard --help`)"]

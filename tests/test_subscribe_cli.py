@@ -10,7 +10,9 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import pytest
 import zmq
+from cli_helpers import interrupt
 from codetr_stream.daemon.detections import FrameResult, StreamStatus
 from codetr_stream.daemon.publish import Publisher
 
@@ -105,3 +107,31 @@ def test_closed_pipe_ends_quietly() -> None:
         proc.stdout.close()  # like `| head -1`
         assert proc.wait(timeout=30) == 0
         assert "Traceback" not in proc.stderr.read()
+
+
+@pytest.mark.parametrize(("args", "text"), [
+    (["--endpoint", "bogus://x"], "argument --endpoint: 'bogus://x' is not a ZeroMQ endpoint; use "
+                                  "tcp://HOST:PORT (e.g. tcp://127.0.0.1:5555) or ipc:///path"),
+    (["--endpoint", "tcp://127.0.0.1"], "argument --endpoint: 'tcp://127.0.0.1' needs a host and "
+                                        "a port 1-65535, e.g. tcp://127.0.0.1:5555"),
+    (["--count", "-1"], "argument --count: must be 1 or more, got -1"),
+    (["--timeout", "0"], "argument --timeout: must be more than 0, got 0"),
+], ids=["unknown-scheme", "no-port", "negative-count", "zero-timeout"])
+def test_bad_arguments_are_one_usage_line(args: list[str], text: str) -> None:
+    done = run_cli(*args)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"codetr-stream subscribe: error: {text} (see `codetr-stream subscribe --help`)"]
+    assert done.stdout == ""
+
+
+def test_ctrl_c_while_waiting_exits_at_once() -> None:
+    with zmq.Context.instance().socket(zmq.XPUB) as xpub:  # sees the subscription arrive
+        port = xpub.bind_to_random_port("tcp://127.0.0.1")
+        proc = subprocess.Popen([*CLI, "--endpoint", f"tcp://127.0.0.1:{port}"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if xpub.poll(60_000):
+            assert xpub.recv() == b"\x01det."  # now it waits for messages, in ZeroMQ's poll
+        code, took = interrupt(proc)
+    assert code == 130 and took < 2.0, took
+    assert proc.stderr.read().strip() == "codetr-stream subscribe: interrupted"

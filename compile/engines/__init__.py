@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 __all__ = ["BACKENDS", "IncompatibleEngine", "Manifest", "ManifestError", "build_engine",
-           "load_engine"]
+           "check_engine_dir", "load_engine"]
 
 
 def _device(device: str | torch.device | None) -> torch.device:
@@ -41,8 +41,8 @@ def _device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-def load_engine(path: str | Path, device: str | torch.device | None = None) -> Engine:
-    """Load the engine in directory `path` on `device` (default: the GPU if there is one).
+def check_engine_dir(path: str | Path, device: str | torch.device | None = None) -> Manifest:
+    """The manifest of the engine in `path`, once it is known to be loadable on `device`.
 
     Raises `ManifestError` for a missing/malformed manifest or a file it lists that is gone, and
     `IncompatibleEngine` (with the rebuild command) for an engine built for another GPU or
@@ -56,9 +56,16 @@ def load_engine(path: str | Path, device: str | torch.device | None = None) -> E
     if missing:  # say so here, not as whatever error the backend's loader hits first
         raise ManifestError(f"{path}: {', '.join(missing)} listed in manifest.json but missing "
                             f"(copied in part?); rebuild the engine: "
-                            f"{manifest.rebuild_command(path)}")
+                            f"{manifest.rebuild_command(path, str(dev))}")
+    return manifest
+
+
+def load_engine(path: str | Path, device: str | torch.device | None = None) -> Engine:
+    """Load the engine in directory `path` on `device` (default: the GPU if there is one),
+    after `check_engine_dir`."""
+    manifest = check_engine_dir(path, device)
     backend = importlib.import_module(f"codetr_stream.compile.engines.{manifest.backend}")
-    return backend.load(path, manifest, dev)
+    return backend.load(Path(path), manifest, _device(device))
 
 
 def io_specs(hw: tuple[int, int], num_detections: int) -> tuple[list[TensorSpec],

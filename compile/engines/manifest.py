@@ -114,8 +114,15 @@ class Manifest:
                                 f"{rebuild}")
         return manifest
 
-    def rebuild_command(self, engine_dir: Path | str) -> str:
-        """The `codetr-stream compile` line that rebuilds this engine on the current machine."""
+    def rebuild_command(self, engine_dir: Path | str, device: str | None = None) -> str:
+        """The `codetr-stream compile` line that rebuilds this engine for `device` (default: this
+        machine's). On a CPU it must run there: FP32, and a GPU's Inductor or TensorRT engine
+        becomes the CPU path's eager one (Inductor on a CPU builds for minutes, for no gain)."""
+        backend, precision, passes = self.backend, self.precision, self.passes
+        if (device or current_environment()["device"]).startswith("cpu"):
+            precision = "fp32"
+            if backend == "tensorrt" or (backend == "inductor" and self.compute_capability):
+                backend, passes = "eager", []
         h, w = self.input_hw
         config = self.config_name if self.files.get("config") is None else str(
             Path(engine_dir) / self.files["config"])
@@ -124,21 +131,22 @@ class Manifest:
         else:
             weights = ["--weights", self.checkpoint or "CHECKPOINT.pth"]
         argv = ["codetr-stream", "compile", "--config", config, *weights,
-                "--precision", self.precision, "--size", f"{w}x{h}",
+                "--precision", precision, "--size", f"{w}x{h}",
                 "--batch", ",".join(map(str, self.batch_sizes)),
-                "--backend", self.backend, "--out", str(engine_dir)]
-        if self.passes:
-            argv[-2:-2] = ["--passes", ",".join(self.passes)]
+                "--backend", backend, "--out", str(engine_dir)]
+        if passes:
+            argv[-2:-2] = ["--passes", ",".join(passes)]
         return shlex.join(argv)
 
     def check_compatible(self, engine_dir: Path | str, device: str | None = None) -> None:
         """Refuse an engine whose compiled code does not fit this machine (see `mismatches`)."""
-        problems = self.mismatches(current_environment(device))
+        env = current_environment(device)
+        problems = self.mismatches(env)
         if problems:
             raise IncompatibleEngine(
                 f"engine {engine_dir} ({self.backend}, {self.precision}) cannot run here: "
                 f"{'; '.join(problems)}. Rebuild it on this machine: "
-                f"{self.rebuild_command(engine_dir)}")
+                f"{self.rebuild_command(engine_dir, env['device'])}")
 
     def mismatches(self, env: dict[str, Any]) -> list[str]:
         """What differs between the build machine and `env` in ways the backend cannot absorb.
