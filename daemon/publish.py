@@ -88,6 +88,11 @@ class Publisher:
         """Distinct topics subscribed to, over all peers."""
         return self._guard.subscriptions
 
+    @property
+    def shut_down_peers(self) -> int:
+        """Peers disconnected for passing a limit, since the start."""
+        return self._guard.shut_down
+
     def _watch(self) -> None:
         """Hands the subscriptions the socket reports to the guard as they arrive."""
         more = False

@@ -13,11 +13,12 @@ SubscriberGuard adds the bounds:
 - peers: a socket monitor reports each accepted connection with its fd; past `max_peers` the new
   one is shut down at once.
 - bytes: a subscriber sends its subscriptions (and heartbeats), nothing else, so the bytes it
-  sends bound what it can make the socket hold. Each peer has a budget (BURST_BYTES, refilled at
-  REFILL_BYTES_PER_S); this guard's own thread wakes on every arrival (epoll on libzmq's fd, which
-  it never reads) and shuts down a peer that overdraws. That is the bound that holds against a
-  fast sender: libzmq applies subscriptions in a loop that runs as long as the sender keeps up,
-  long before the application sees them.
+  sends bound what it can make the socket hold. Each peer has a budget (a burst, then a
+  trickle: PeerLimits), and all peers together share one. This guard's own thread wakes on
+  every arrival (epoll on libzmq's fd, which it never reads) and shuts down a peer that
+  overdraws its budget, or, when the shared one is overdrawn, the peer that spent the most of
+  its own. That is the bound that holds against fast senders: libzmq applies subscriptions in a
+  loop that runs as long as the sender keeps up, long before the application sees them.
 - distinct subscriptions: the owner passes on what its XPUB reports, a topic when its first
   subscriber arrives and again when its last leaves, so the set kept here is the one in libzmq's
   trie; past `max_subscriptions` the peer that has sent the most bytes is shut down. This is the
@@ -26,8 +27,9 @@ SubscriberGuard adds the bounds:
 Shutting a peer down is shutdown(2) on a duplicate of its fd, checked first to be the same socket
 that was accepted (inode), so a reused fd number is never touched; libzmq sees the hang-up and
 frees the peer's state as usual. A shut-down SUB reconnects and resubscribes by itself; one that
-behaves stays under every limit. The memory bound for one socket is about
-(max_subscriptions + max_peers x BURST_BYTES / 72) subscriptions of 72 bytes.
+behaves stays under every limit. What one socket can be made to hold is about
+max_subscriptions + (total_burst_bytes + max_peers x 40 KiB) / 74 subscriptions of 72 bytes
+(3.3 KB each): 97 MB with the defaults, 34 MB by one peer.
 """
 
 from __future__ import annotations
@@ -49,9 +51,8 @@ from zmq.utils.monitor import recv_monitor_message
 log = logging.getLogger(__name__)
 
 SUBSCRIPTION_MAX_BYTES = 512
-BURST_BYTES = 64 * 1024  # what a peer may send at once: ~2,000 topics of 30 bytes
-REFILL_BYTES_PER_S = 1024.0  # and then per second (heartbeats are ~2 B/s)
-RECEIVE_BUFFER_BYTES = 64 * 1024  # kernel buffer per peer: what libzmq may still read after a cut
+RECEIVE_BUFFER_BYTES = 16 * 1024  # kernel buffer per peer (Linux doubles it): what libzmq may
+# still read after a cut, so a fast sender gets its budget + ~40 KiB in
 SUBSCRIPTION_QUEUE = 100  # subscriptions queued per peer towards the socket's thread
 BLAME_PAUSE_S = 5.0  # after a disconnect, while libzmq withdraws that peer's subscriptions
 HANDSHAKE_TIMEOUT_MS = 5_000  # a connection that never completes the ZMTP handshake (libzmq: 30 s)
@@ -61,13 +62,38 @@ _WARN_EVERY_S = 10.0
 
 @dataclass(frozen=True)
 class PeerLimits:
-    """The bounds for one publishing socket (see the module docstring)."""
+    """The bounds for one publishing socket (see the module docstring). The byte budgets'
+    defaults let a proxy resubscribe 5,000 topics (~370 KiB) at once; a plain subscriber sends
+    a few hundred bytes, then ZMTP heartbeats (~2 B/s) if it enables them."""
 
     max_peers: int = 64
     max_subscriptions: int = 10_000
+    peer_burst_bytes: int = 512 * 1024
+    total_burst_bytes: int = 1024 * 1024
 
 
 DEFAULT_LIMITS = PeerLimits()
+PEER_REFILL_BYTES_PER_S = 1024
+TOTAL_REFILL_BYTES_PER_S = 16 * 1024
+
+
+@dataclass
+class Budget:
+    """A token bucket of bytes: `burst` at once, refilled at `per_s`."""
+
+    burst: float
+    per_s: float
+    tokens: float = -1.0  # -1: full
+    seen: float = 0.0
+
+    def spend(self, amount: float, now: float) -> float:
+        """Take `amount`; returns what is left (negative: overdrawn)."""
+        if self.tokens == -1.0:
+            self.tokens, self.seen = self.burst, now
+        self.tokens = min(self.burst, self.tokens + (now - self.seen) * self.per_s) - amount
+        self.seen = now
+        return self.tokens
+
 
 
 @dataclass
@@ -76,8 +102,7 @@ class _Peer:
     remote: object  # getpeername(), for log lines
     order: int  # accept order
     received: int  # bytes received when last looked at
-    tokens: float  # bytes it may still send
-    seen: float  # time.monotonic() of that look
+    budget: Budget
 
 
 @dataclass
@@ -119,6 +144,7 @@ class SubscriberGuard:
         self._peers: dict[int, _Peer] = {}
         self._accepted = itertools.count()
         self._topics: set[bytes] = set()
+        self._total = Budget(limits.total_burst_bytes, TOTAL_REFILL_BYTES_PER_S)
         self._blame_pending_until = 0.0
         self._warnings = _Warnings()
         self._stop = threading.Event()
@@ -164,8 +190,8 @@ class SubscriberGuard:
                 received = _bytes_received(sock)
         except OSError:  # gone already
             return
-        peer = _Peer(inode, remote, next(self._accepted), received, BURST_BYTES,
-                     time.monotonic())
+        peer = _Peer(inode, remote, next(self._accepted), received,
+                     Budget(self.limits.peer_burst_bytes, PEER_REFILL_BYTES_PER_S))
         if len(self._peers) >= self.limits.max_peers:
             self._warnings.warn("peers", f"{self.name}: {self.limits.max_peers} subscribers "
                                 "connected (the limit): refusing more")
@@ -178,7 +204,8 @@ class SubscriberGuard:
             self._peers.pop(fd)
 
     def _charge(self, fd: int, now: float) -> None:
-        """Bill the peer on `fd` for what it sent since last time; shut it down when overdrawn."""
+        """Bill the peer on `fd` for what it sent since last time; shut it down when it (or,
+        for the shared budget, the peer that spent the most of its own) is overdrawn."""
         peer = self._peers.get(fd)
         if peer is None:
             return
@@ -190,13 +217,17 @@ class SubscriberGuard:
         except OSError:
             self._peers.pop(fd)
             return
-        peer.tokens = min(BURST_BYTES, peer.tokens + (now - peer.seen) * REFILL_BYTES_PER_S)
-        peer.tokens -= received - peer.received
-        peer.received, peer.seen = received, now
-        if peer.tokens < 0:
+        sent, peer.received = received - peer.received, received
+        if peer.budget.spend(sent, now) < 0:
             self._warnings.warn("bytes", f"{self.name}: {_address(peer)} sent more than "
-                                f"{BURST_BYTES // 1024} KiB of subscriptions at once: "
+                                f"{peer.budget.burst / 1024:.0f} KiB of subscriptions at once: "
                                 "disconnected")
+            self._shut_down(fd, self._peers.pop(fd))
+        if self._total.spend(sent, now) < 0 and self._peers:
+            fd = min(self._peers, key=lambda f: self._peers[f].budget.spend(0, now))
+            self._warnings.warn("total", f"{self.name}: subscribers sent more than "
+                                f"{self._total.burst / 1024:.0f} KiB of subscriptions at once: "
+                                f"disconnecting {_address(self._peers[fd])}, which sent the most")
             self._shut_down(fd, self._peers.pop(fd))
 
     def subscription(self, message: bytes) -> None:
@@ -232,7 +263,11 @@ class SubscriberGuard:
         """Caller holds the lock. An admitted peer's subscriptions are withdrawn a little later,
         when libzmq has seen it go: until then (5 s at most) nobody else is blamed for them."""
         if admitted:
-            self._blame_pending_until = time.monotonic() + BLAME_PAUSE_S
+            now = time.monotonic()
+            self._blame_pending_until = now + BLAME_PAUSE_S
+            # What it spent lately leaves with it: the shared budget only counts peers present.
+            spent = peer.budget.burst - peer.budget.spend(0, now)
+            self._total.tokens = min(self._total.burst, self._total.spend(0, now) + spent)
         _forget(self._epoll, fd)
         try:
             with _duplicate(fd) as sock:

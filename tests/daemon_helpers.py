@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -76,3 +79,28 @@ class DaemonThread:
         self.stop.set()
         self.thread.join(timeout=15)
         assert not self.thread.is_alive(), "the daemon did not stop"
+
+
+@contextmanager
+def publishing(send: Callable[[int], object], period_s: float = 0.02) -> Iterator[list[float]]:
+    """Call send(i) with i = 0, 1, ... in the background until the block ends (a subscriber
+    joins at some unknown point, as it would against a running daemon); yields the list of
+    how long each call took."""
+    took: list[float] = []
+    stop = threading.Event()
+
+    def loop() -> None:
+        i = 0
+        while not stop.wait(period_s):
+            started = time.perf_counter()
+            send(i)
+            took.append(time.perf_counter() - started)
+            i += 1
+
+    thread = threading.Thread(target=loop)
+    thread.start()
+    try:
+        yield took
+    finally:
+        stop.set()
+        thread.join()

@@ -5,37 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 
 import zmq
 from codetr_stream.daemon.detections import FrameResult, StreamStatus
 from codetr_stream.daemon.publish import Publisher
+from daemon_helpers import publishing
 
 CLI = [sys.executable, "-m", "codetr_stream.daemon.cli", "subscribe"]
-
-
-@contextmanager
-def publishing(send: Callable[[int], None], period_s: float = 0.02) -> Iterator[None]:
-    """Call send(i) with i = 0, 1, ... in the background until the block ends: the subscriber
-    process joins at some unknown point, as it would against a running daemon."""
-    stop = threading.Event()
-
-    def loop() -> None:
-        i = 0
-        while not stop.wait(period_s):
-            send(i)
-            i += 1
-
-    thread = threading.Thread(target=loop)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
 
 
 def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
