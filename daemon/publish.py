@@ -23,14 +23,19 @@ subscriptions the socket reports at least every 50 ms, under the same lock as th
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections import defaultdict
+from typing import TYPE_CHECKING
 
 import zmq
 from codetr_stream.daemon import curve
 from codetr_stream.daemon.detections import FrameResult, StreamStatus
 from codetr_stream.daemon.subscribers import DEFAULT_LIMITS, PeerLimits, SubscriberGuard
+
+if TYPE_CHECKING:
+    from codetr_stream.daemon.config import PublishConfig
 
 TOPIC_END = "|"
 WATCH_INTERVAL_S = 0.05
@@ -77,6 +82,15 @@ class Publisher:
         self._watcher = threading.Thread(target=self._watch, name="publish-subscriptions",
                                          daemon=True)
         self._watcher.start()
+
+    @classmethod
+    def from_config(cls, publish: PublishConfig) -> Publisher:
+        """As configured by streams.yaml's `publish:` section."""
+        secret = (curve.read_key(publish.curve_secret_key_file)
+                  if publish.curve_secret_key_file is not None else None)
+        limits = dataclasses.replace(DEFAULT_LIMITS, max_peers=publish.max_subscribers,
+                                     max_subscriptions=publish.max_subscriptions)
+        return cls(publish.endpoint, publish.sndhwm, limits=limits, curve_secret_key=secret)
 
     @property
     def subscribers(self) -> int:

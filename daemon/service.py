@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from codetr_stream.daemon import systemd
+from codetr_stream.daemon import fd_budget, systemd
 from codetr_stream.daemon.batcher import Batcher
 from codetr_stream.daemon.config import (
     ConfigError,
@@ -147,6 +147,7 @@ class Service:
     # ---- life cycle ----
 
     def start(self) -> Service:
+        fd_budget.ensure(self.config)
         for device in self.devices:
             log.info("loading engine %s on %s", self.config.engine.path, device)
             with _on(device):  # engines that capture CUDA graphs do it on the current device
@@ -161,11 +162,11 @@ class Service:
                         self.config.engine.path)
         self.class_names = self.workers[0].runner.class_names
         self.liveness.set_engine_warm()
-        self.publisher = Publisher(self.config.publish.endpoint, self.config.publish.sndhwm)
+        self.publisher = Publisher.from_config(self.config.publish)
         log.info("publishing on %s", self.publisher.endpoint)
-        self.health = HealthServer(liveness=self.liveness, metrics=self.metrics,
-                                   snapshots=self.snapshots, host=self.config.health.host,
-                                   port=self.config.health.port).start()
+        self.health = HealthServer.from_config(self.config.health, liveness=self.liveness,
+                                               metrics=self.metrics,
+                                               snapshots=self.snapshots).start()
         for stream in self.config.enabled_streams:
             self._add_stream(stream)
         systemd.ready(f"{len(self.streams)} streams")
