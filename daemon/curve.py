@@ -12,9 +12,7 @@ handshake, so it receives nothing and holds no subscriptions.
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from pathlib import Path
 
 import zmq
@@ -81,26 +79,3 @@ def write_keypair(directory: Path, name: str) -> tuple[Path, Path]:
         with os.fdopen(fd, "w") as out:
             out.write(key.decode("ascii") + "\n")
     return paths
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "curve-keygen", help="make a CURVE keypair for an encrypted detection feed",
-        description="Write NAME.pub (give it to subscribers and proxies) and NAME.secret (mode "
-        "0600; the daemon's publish.curve_secret_key_file, or a proxy's --curve-secret-key-file).")
-    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="where to write them")
-    p.add_argument("--name", default="server", help="file name stem (default: server)")
-    p.set_defaults(handler=keygen_command)
-
-
-def keygen_command(args: argparse.Namespace) -> int:
-    try:
-        public, secret = write_keypair(args.out, args.name)
-    except FileExistsError as exc:
-        print(f"{exc.filename}: exists; remove it or pick another --name", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"{args.out}: cannot write the keys: {exc.strerror}", file=sys.stderr)
-        return 1
-    print(f"public key: {public}\nsecret key: {secret} (mode 0600)")
-    return 0

@@ -236,3 +236,30 @@ def test_a_subscription_flood_through_the_proxy_is_cut_off_before_the_workers() 
     lost = seqs[-1] - seqs[0] + 1 - len(seqs)
     print(f"proxy RSS +{grown:.0f} MB; the proxy's subscriber lost {lost} message(s); the worker "
           f"cut the proxy off {worker.shut_down_peers} time(s)")
+
+
+@pytest.mark.slow
+def test_curve_end_to_end_worker_proxy_subscriber(tmp_path) -> None:
+    """Worker -> proxy over CURVE (the proxy holds the worker's public key), proxy -> subscriber
+    over CURVE with the proxy's own keypair: detections arrive; a plain subscriber gets none."""
+    from codetr_stream.daemon import curve
+
+    worker_pub, worker_secret = curve.write_keypair(tmp_path, "worker")
+    proxy_pub, proxy_secret = curve.write_keypair(tmp_path, "proxy")
+    with Publisher("tcp://127.0.0.1:0", curve_secret_key=curve.read_key(worker_secret)) as worker, \
+            publishing(lambda i: worker.publish(FrameResult("cam1", i, None, 0, 64, 48))):
+        proxy = ProxyProcess("--backend", ">" + worker.endpoint,
+                             "--backend-curve-server-key", str(worker_pub),
+                             "--curve-secret-key-file", str(proxy_secret))
+        try:
+            cli = [sys.executable, "-m", "codetr_stream.daemon.cli", "subscribe",
+                   "--endpoint", proxy.frontend]
+            encrypted = subprocess.run([*cli, "--count", "3", "--curve-server-key", str(proxy_pub)],
+                                       capture_output=True, text=True, timeout=60)
+            plain = subprocess.run([*cli, "--timeout", "2"], capture_output=True, text=True,
+                                   timeout=60)
+        finally:
+            assert proxy.stop() == 0, "".join(proxy.lines[-20:])
+    assert encrypted.returncode == 0, encrypted.stderr
+    assert [json.loads(line)["stream"] for line in encrypted.stdout.splitlines()] == ["cam1"] * 3
+    assert plain.returncode == 1 and plain.stdout == ""
