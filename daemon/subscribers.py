@@ -138,7 +138,13 @@ class SubscriberGuard:
         sock.setsockopt(zmq.RCVHWM, SUBSCRIPTION_QUEUE)
         sock.setsockopt(zmq.RCVBUF, RECEIVE_BUFFER_BYTES)
         sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_TIMEOUT_MS)
-        self._monitor = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        # Not get_monitor_socket(): its queue holds 2,000 events and libzmq drops the rest, so a
+        # burst of connections would go unseen (and unrefused). This one has no limit.
+        address = f"inproc://subscriber-guard-{id(self):x}"
+        sock.monitor(address, zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        self._monitor = sock.context.socket(zmq.PAIR)
+        self._monitor.setsockopt(zmq.RCVHWM, 0)
+        self._monitor.connect(address)
         self._epoll = select.epoll()
         self._lock = threading.Lock()
         self._peers: dict[int, _Peer] = {}
@@ -164,6 +170,7 @@ class SubscriberGuard:
         self._thread.start()
 
     def _watch(self) -> None:
+        swept = time.monotonic()
         while not self._stop.is_set():
             ready = self._epoll.poll(0.1)
             self._monitor_events()
@@ -171,6 +178,20 @@ class SubscriberGuard:
             with self._lock:
                 for fd, _ in ready:
                     self._charge(fd, now)
+                if now - swept >= 1.0:
+                    self._sweep()
+                    swept = now
+
+    def _sweep(self) -> None:
+        """Forget peers whose socket libzmq has closed unnoticed (a lost DISCONNECTED event),
+        so that they no longer count against max_peers."""
+        for fd, peer in list(self._peers.items()):
+            try:
+                alive = os.fstat(fd).st_ino == peer.inode
+            except OSError:
+                alive = False
+            if not alive:
+                del self._peers[fd]
 
     def _monitor_events(self) -> None:
         while self._monitor.poll(0):

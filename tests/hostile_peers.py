@@ -85,7 +85,7 @@ class ZmtpPeer:
         try:
             while self.sock.recv(65536):
                 pass
-        except TimeoutError:
+        except (TimeoutError, BlockingIOError):  # still connected (timeout 0: non-blocking)
             return False
         except OSError:
             return True
