@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -104,3 +106,19 @@ def publishing(send: Callable[[int], object], period_s: float = 0.02) -> Iterato
     finally:
         stop.set()
         thread.join()
+
+
+def timed_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, float]:
+    """GET `url`: (HTTP status, seconds to the whole answer); status 0 when there was none
+    within 10 s."""
+    request = urllib.request.Request(url, headers=headers or {})
+    started = time.monotonic()
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            response.read()
+            status = response.status
+    except urllib.error.HTTPError as error:
+        status = error.code
+    except OSError:
+        status = 0
+    return status, time.monotonic() - started

@@ -28,6 +28,7 @@ from codetr_stream.daemon.health import (
     read_token,
 )
 from codetr_stream.daemon.metrics import Metrics
+from daemon_helpers import timed_get as get_url
 from fault_helpers import wait_for
 from hostile_peers import ATTACKER, half_sent_requests
 from PIL import Image
@@ -229,15 +230,7 @@ def server(**options) -> Iterator[Service]:
 def timed_get(service: Service, path: str = "/healthz",
               headers: dict[str, str] | None = None) -> tuple[int, float]:
     host, port = service.server.address
-    request = urllib.request.Request(f"http://{host}:{port}{path}", headers=headers or {})
-    started = time.monotonic()
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            response.read()
-            status = response.status
-    except urllib.error.HTTPError as error:
-        status = error.code
-    return status, time.monotonic() - started
+    return get_url(f"http://{host}:{port}{path}", headers)
 
 
 def held_connections(port: int, peer: str) -> int:

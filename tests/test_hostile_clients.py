@@ -17,12 +17,11 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 
 import pytest
 from codetr_stream.daemon.procstat import sample_process
+from daemon_helpers import timed_get
 from fault_helpers import (
     FaultyCamera,
     Recorder,
@@ -56,17 +55,7 @@ class Daemon:
 
     def healthz(self) -> tuple[int, float]:
         """(status, seconds to answer); status 0 when it did not answer within 10 s."""
-        started = time.monotonic()
-        url = f"http://127.0.0.1:{self.health_port}/healthz"
-        try:
-            with urllib.request.urlopen(url, timeout=10) as response:
-                response.read()
-                status = response.status
-        except urllib.error.HTTPError as error:
-            status = error.code
-        except OSError:
-            status = 0
-        return status, time.monotonic() - started
+        return timed_get(f"http://127.0.0.1:{self.health_port}/healthz")
 
     def publishing(self, timeout: float = 20) -> float:
         """Seconds until three more detections arrive (fails after `timeout`)."""
