@@ -29,7 +29,7 @@ that was accepted (inode), so a reused fd number is never touched; libzmq sees t
 frees the peer's state as usual. A shut-down SUB reconnects and resubscribes by itself; one that
 behaves stays under every limit. What one socket can be made to hold is about
 max_subscriptions + (total_burst_bytes + max_peers x 40 KiB) / 74 subscriptions of 72 bytes
-(3.3 KB each): 97 MB with the defaults, 34 MB by one peer.
+(3.3 KB each): ~200 MB with the defaults if every peer bursts at once, ~25 MB by one peer.
 """
 
 from __future__ import annotations
