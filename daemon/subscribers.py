@@ -95,7 +95,6 @@ class Budget:
         return self.tokens
 
 
-
 @dataclass
 class _Peer:
     inode: int  # of the socket libzmq accepted: tells it from a later one with the same fd
@@ -146,6 +145,8 @@ class SubscriberGuard:
         self._monitor.setsockopt(zmq.RCVHWM, 0)
         self._monitor.connect(address)
         self._epoll = select.epoll()
+        # Wakes the guard the moment an event is queued (ZMQ_FD signals edges; drained below).
+        self._epoll.register(self._monitor.getsockopt(zmq.FD), select.EPOLLIN | select.EPOLLET)
         self._lock = threading.Lock()
         self._peers: dict[int, _Peer] = {}
         self._accepted = itertools.count()
@@ -154,7 +155,8 @@ class SubscriberGuard:
         self._blame_pending_until = 0.0
         self._warnings = _Warnings()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name=f"{name}-peers", daemon=True)
+        self._thread = threading.Thread(target=self._watch, daemon=True,
+                                        name=f"{name.replace(' ', '-')}-peers")
         self.shut_down = 0  # peers this guard has disconnected
 
     @property
