@@ -1,4 +1,4 @@
-"""The service-side subcommands: `run`, `check-config`, `reload` and `subscribe`.
+"""The service-side subcommands: `run`, `check-config`, `reload`, `subscribe`, `curve-keygen`.
 
 `run` validates the config exactly like `check-config` and refuses to start on any problem, so a
 bad edit never takes the cameras down. `reload` asks a running daemon to re-read its config with
@@ -21,6 +21,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="exit 0 after N messages (default: run until Ctrl-C)")
     p.add_argument("--timeout", type=positive_float, metavar="S",
                    help="exit 1 when nothing arrives for S seconds (default: wait forever)")
+    p.add_argument("--curve-server-key", metavar="KEY|FILE",
+                   help="the daemon's (or proxy's) CURVE public key: its 40 characters or the "
+                   ".pub file from `codetr-stream curve-keygen`")
     p.set_defaults(handler=subscribe_command)
+
+    p = subparsers.add_parser(
+        "curve-keygen", help="make a CURVE keypair for an encrypted detection feed",
+        description="Write NAME.pub (give it to subscribers and proxies) and NAME.secret (mode "
+        "0600: publish.curve_secret_key_file, or a proxy's --curve-secret-key-file).")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="where to write them")
+    p.add_argument("--name", default="server", help="file name stem (default: server)")
+    p.set_defaults(handler=curve_keygen_command)
 
 
 def _endpoint(text: str) -> str:
@@ -278,13 +290,29 @@ def reload_command(args: argparse.Namespace) -> int:
 
 
 def subscribe_command(args: argparse.Namespace) -> int:
+    from codetr_stream.daemon.curve import CurveKeyError, key_argument
     from codetr_stream.daemon.subscribe import Subscription
 
+    try:
+        server_key = key_argument(args.curve_server_key) if args.curve_server_key else None
+    except CurveKeyError as exc:
+        print(f"--curve-server-key: {exc}", file=sys.stderr)
+        return 2
     received = 0
     reported: dict[str, int] = {}
-    with Subscription(args.endpoint, args.stream, status=args.status) as subscription:
+    skipped_reported = 0.0  # time.monotonic() of the last line about skipped messages
+    with Subscription(args.endpoint, args.stream, status=args.status,
+                      curve_server_key=server_key) as subscription:
         while args.count is None or received < args.count:
-            message = subscription.receive(args.timeout)
+            try:
+                message = subscription.receive(args.timeout)
+            except ValueError as exc:  # another schema version: nothing after it would parse
+                print(f"{args.endpoint}: {exc}", file=sys.stderr)
+                return 1
+            if subscription.skipped and time.monotonic() - skipped_reported >= 1.0:
+                print(f"{subscription.skipped} malformed message(s) skipped so far (last: "
+                      f"{subscription.last_skipped})", file=sys.stderr)
+                skipped_reported = time.monotonic()
             if message is None:
                 print(f"no message from {args.endpoint} for {args.timeout:g} s", file=sys.stderr)
                 return 1
@@ -298,4 +326,19 @@ def subscribe_command(args: argparse.Namespace) -> int:
                 if missed != reported.get(topic, 0):
                     print(f"{topic}: {missed} message(s) missed so far", file=sys.stderr)
                     reported[topic] = missed
+    return 0
+
+
+def curve_keygen_command(args: argparse.Namespace) -> int:
+    from codetr_stream.daemon.curve import write_keypair
+
+    try:
+        public, secret = write_keypair(args.out, args.name)
+    except FileExistsError as exc:
+        print(f"{exc.filename}: exists; remove it or pick another --name", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"{args.out}: cannot write the keys: {exc.strerror}", file=sys.stderr)
+        return 1
+    print(f"public key: {public}\nsecret key: {secret} (mode 0600)")
     return 0

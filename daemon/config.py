@@ -10,6 +10,7 @@ and `diff` says what changed; nothing here is mutated at runtime.
 from __future__ import annotations
 
 import difflib
+import importlib
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -87,6 +88,22 @@ class PublishConfig(_Section):
     status_interval_s: float = Field(
         1.0, gt=0, le=60, description="seconds between `status.<stream>` heartbeats"
     )
+    max_subscribers: int = Field(
+        64, ge=1, le=100_000, description="subscriber connections at once; more are refused"
+    )
+    max_subscriptions: int = Field(
+        10_000, ge=1, le=1_000_000, description="distinct subscriptions over all subscribers; "
+        "past it the subscriber that sent the most is disconnected"
+    )
+    curve_secret_key_file: Path | None = Field(
+        None, description="encrypt the feed with CURVE: the server's secret key file from "
+        "`codetr-stream curve-keygen` (subscribers need the .pub); null = plain ZeroMQ"
+    )
+
+    @field_validator("curve_secret_key_file")
+    @classmethod
+    def _curve_key(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        return _credential_file(value, info, "codetr_stream.daemon.curve", "read_key")
 
     @field_validator("endpoint")
     @classmethod
@@ -102,6 +119,23 @@ class HealthConfig(_Section):
         "127.0.0.1", description="HTTP bind address for /healthz, /metrics and snapshots"
     )
     port: int = Field(8090, ge=0, le=65535, description="HTTP port; 0 picks a free one")
+    token_file: Path | None = Field(
+        None, description="/metrics and /snapshot require `Authorization: Bearer <the token in "
+        "this file>`; /healthz stays open; null = no token"
+    )
+    max_connections: int = Field(
+        64, ge=1, le=10_000, description="HTTP connections at once; when full, the oldest "
+        "unfinished request is dropped"
+    )
+    request_timeout_s: float = Field(
+        10.0, gt=0, le=300, description="a connection's whole life: send the request, read "
+        "the answer"
+    )
+
+    @field_validator("token_file")
+    @classmethod
+    def _token(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        return _credential_file(value, info, "codetr_stream.daemon.health", "read_token")
 
 
 class SnapshotConfig(_Section):
@@ -278,6 +312,21 @@ def resolve_class_ids(
             f"class names or an id 0..{len(class_names) - 1}"
         )
     return frozenset(ids)
+
+
+# ---- files named by path that hold credentials: checked when loading, never printed ----
+
+
+def _credential_file(value: Path | None, info: ValidationInfo, module: str,
+                     reader: str) -> Path | None:
+    """`value` made relative to the config file, after `module.reader(path)` accepted it (its
+    ValueError names the file and the fix). Imported here only when such a file is set."""
+    if value is None:
+        return None
+    base = (info.context or {}).get("base_dir")
+    path = Path(base) / value if base is not None else value
+    getattr(importlib.import_module(module), reader)(path)
+    return path
 
 
 # ---- loading: YAML with line numbers -> substitution -> validation -> ConfigError ----

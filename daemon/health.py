@@ -2,23 +2,40 @@
 
 A ThreadingHTTPServer on a daemon thread, bound to loopback unless configured otherwise. It only
 reads state that the service pushes (Liveness, Metrics, SnapshotStore), so a slow or hostile
-client can never stall the pipeline; each request gets its own thread.
+client can never stall the pipeline. What clients can make it hold is bounded:
+
+- at most `max_connections` connections (one thread each); when full, the oldest connection
+  still sending its request is cut to let the new one in, so a crowd of half-sent requests
+  (slowloris) cannot lock out a health probe;
+- every connection ends `request_timeout_s` after it was accepted, however slowly it trickles;
+- a listen backlog of LISTEN_BACKLOG (socketserver's 5 made 200 concurrent clients wait for
+  SYN retries, up to 31 s).
+
+Clients that hang up are logged at debug level, through logging; request lines are logged with
+control characters escaped. With a token (`health.token_file`), /metrics and /snapshot answer
+401 without `Authorization: Bearer <token>` (compared in constant time); /healthz stays open for
+probes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hmac
 import io
 import json
 import logging
 import re
+import socket
 import socketserver
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -27,11 +44,37 @@ from .detections import Detection
 from .metrics import CONTENT_TYPE, Metrics
 from .secrets import redact
 
-__all__ = ["HealthServer", "Liveness", "SnapshotStore", "annotate"]
+if TYPE_CHECKING:
+    from .config import HealthConfig
+
+__all__ = ["HealthServer", "Liveness", "SnapshotStore", "annotate", "read_token"]
 
 log = logging.getLogger(__name__)
 
 _SNAPSHOT_PATH = re.compile(r"/snapshot/([A-Za-z0-9][A-Za-z0-9_-]{0,63})\.jpg")
+LISTEN_BACKLOG = 128
+MIN_TOKEN_CHARS = 16
+# Control characters (C0, DEL, C1) and the backslash, as \xNN: a request line with ESC or CR
+# must not reach a terminal or a log parser raw.
+_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))} | {0x5C: "\\\\"}
+
+
+def printable(text: str) -> str:
+    """`text` with control characters escaped, safe for one log line."""
+    return text.translate(_ESCAPES)
+
+
+def read_token(path: Path) -> bytes:
+    """The bearer token in `path` (one trailing newline ignored); ValueError names the file and
+    the fix, never the contents."""
+    try:
+        token = Path(path).read_bytes().removesuffix(b"\n")
+    except OSError as exc:
+        raise ValueError(f"cannot read the token file {path}: {exc.strerror}") from None
+    if len(token) < MIN_TOKEN_CHARS or any(c <= 0x20 or c >= 0x7F for c in token):
+        raise ValueError(f"the token in {path} must be at least {MIN_TOKEN_CHARS} printable "
+                         "characters without spaces (e.g. `openssl rand -hex 32 > FILE`)")
+    return token
 
 
 def _color(class_id: int) -> tuple[int, int, int]:
@@ -206,6 +249,15 @@ class _Handler(BaseHTTPRequestHandler):
     server: _Server
     server_version = "codetr-stream"
 
+    def setup(self) -> None:
+        self.timeout = self.server.request_timeout_s  # per read and write; see _Server too
+        super().setup()
+
+    def parse_request(self) -> bool:
+        ok = super().parse_request()
+        self.server.responding(self.connection)
+        return ok
+
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
         if path == "/healthz":
@@ -213,6 +265,9 @@ class _Handler(BaseHTTPRequestHandler):
             status = HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE
             # Stream details come from camera errors too: mask any credential that slipped in.
             self._send(status, "application/json", redact(json.dumps(body)).encode())
+        elif not self._authorized():
+            self._send(HTTPStatus.UNAUTHORIZED, "text/plain", b"a bearer token is required\n",
+                       headers={"WWW-Authenticate": 'Bearer realm="codetr-stream"'})
         elif path == "/metrics":
             self._send(HTTPStatus.OK, CONTENT_TYPE, self.server.metrics.render())
         elif match := _SNAPSHOT_PATH.fullmatch(path):
@@ -221,38 +276,115 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(HTTPStatus.NOT_FOUND, "text/plain", b"not found: try /healthz, /metrics, "
                        b"/snapshot/<stream>.jpg\n")
 
+    def _authorized(self) -> bool:
+        token = self.server.token
+        if token is None:
+            return True
+        scheme, _, given = self.headers.get("Authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            given.strip().encode("utf-8", "surrogateescape"), token)
+
     def _snapshot(self, stream: str) -> None:
         jpeg = self.server.snapshots.jpeg(stream)
         if jpeg is not None:
-            self._send(HTTPStatus.OK, "image/jpeg", jpeg, cache=False)
+            self._send(HTTPStatus.OK, "image/jpeg", jpeg, headers={"Cache-Control": "no-store"})
         elif stream in self.server.liveness.streams():
             self._send(HTTPStatus.SERVICE_UNAVAILABLE, "text/plain", b"no frame yet\n")
         else:
             self._send(HTTPStatus.NOT_FOUND, "text/plain", b"unknown stream\n")
 
-    def _send(self, status: HTTPStatus, ctype: str, body: bytes, cache: bool = True) -> None:
+    def _send(self, status: HTTPStatus, ctype: str, body: bytes,
+              headers: dict[str, str] | None = None) -> None:
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
-        if not cache:
-            self.send_header("Cache-Control", "no-store")
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(body)
 
     def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s %s", self.address_string(), format % args)
+        log.debug("%s %s", self.address_string(), printable(format % args))
+
+
+@dataclass
+class _Connection:
+    sock: socket.socket
+    accepted: float  # time.monotonic()
+    responding: bool = False  # its request has arrived
 
 
 class _Server(ThreadingHTTPServer):
+    """Bounded connections (see the module docstring); each accepted one is tracked until its
+    handler closes it, and cut (shutdown, so its thread's read or write returns at once) when
+    it is too old or its slot is needed."""
+
     daemon_threads = True  # a stuck client never blocks shutdown
+    request_queue_size = LISTEN_BACKLOG
     liveness: Liveness
     metrics: Metrics
     snapshots: SnapshotStore
+    token: bytes | None = None
+    max_connections: int = 64
+    request_timeout_s: float = 10.0
+
+    def __init__(self, address: tuple[str, int]) -> None:
+        super().__init__(address, _Handler, bind_and_activate=False)
+        self._lock = threading.Lock()
+        self._open: dict[socket.socket, _Connection] = {}
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind resolves our own FQDN, which can hang without DNS.
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = self.server_address[:2]
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._expire(now)
+            if len(self._open) >= self.max_connections:
+                waiting = [c for c in self._open.values() if not c.responding]
+                if not waiting:  # every slot is sending a response: no room
+                    log.debug("%s: %d connections busy, refused", client_address[0],
+                              len(self._open))
+                    self.shutdown_request(request)
+                    return
+                self._cut(min(waiting, key=lambda c: c.accepted))
+            self._open[request] = _Connection(request, now)
+        super().process_request(request, client_address)
+
+    def responding(self, sock: socket.socket) -> None:
+        with self._lock:
+            if (connection := self._open.get(sock)) is not None:
+                connection.responding = True
+
+    def service_actions(self) -> None:  # serve_forever calls it every poll interval
+        with self._lock:
+            self._expire(time.monotonic())
+
+    def _expire(self, now: float) -> None:
+        for connection in list(self._open.values()):
+            if now - connection.accepted > self.request_timeout_s:
+                self._cut(connection)
+
+    def _cut(self, connection: _Connection) -> None:
+        del self._open[connection.sock]
+        with contextlib.suppress(OSError):  # already gone
+            connection.sock.shutdown(socket.SHUT_RDWR)
+
+    def close_request(self, request: Any) -> None:
+        with self._lock:
+            self._open.pop(request, None)
+        super().close_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hangs up or stalls is routine: debug, one line. Anything else is a
+        bug here: a warning with its traceback, through logging, never bare on stderr."""
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, TimeoutError)):
+            log.debug("%s: client went away: %s", client_address[0], error)
+        else:
+            log.warning("request from %s failed", client_address[0], exc_info=True)
 
 
 class HealthServer:
@@ -269,12 +401,27 @@ class HealthServer:
         snapshots: SnapshotStore,
         host: str = "127.0.0.1",
         port: int = 8090,
+        token: bytes | None = None,
+        max_connections: int = 64,
+        request_timeout_s: float = 10.0,
     ) -> None:
-        self._server = _Server((host, port), _Handler, bind_and_activate=False)
+        self._server = _Server((host, port))
         self._server.liveness = liveness
         self._server.metrics = metrics
         self._server.snapshots = snapshots
+        self._server.token = token
+        self._server.max_connections = max_connections
+        self._server.request_timeout_s = request_timeout_s
         self._thread: threading.Thread | None = None
+
+    @classmethod
+    def from_config(cls, health: HealthConfig, *, liveness: Liveness, metrics: Metrics,
+                    snapshots: SnapshotStore) -> HealthServer:
+        """As configured by streams.yaml's `health:` section (a HealthConfig)."""
+        token = read_token(health.token_file) if health.token_file is not None else None
+        return cls(liveness=liveness, metrics=metrics, snapshots=snapshots, host=health.host,
+                   port=health.port, token=token, max_connections=health.max_connections,
+                   request_timeout_s=health.request_timeout_s)
 
     @property
     def address(self) -> tuple[str, int]:

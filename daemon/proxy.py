@@ -11,7 +11,11 @@ codetr-stream-i.codetr-stream, which libzmq re-resolves on every reconnect when 
 each proxy connects to all workers, every proxy replica carries the whole feed: two behind one
 ClusterIP Service give subscribers redundancy, which workers connecting to one proxy Service (one
 pod each) could not. The forwarding loop runs inside libzmq (`zmq.proxy_steerable`); a control
-socket stops it cleanly and an optional capture socket feeds a thread that reports the rate.
+socket stops it cleanly. Its capture socket (a PUB) feeds two readers: the subscriptions that
+subscribers send go to a SubscriberGuard (subscribers.py) that bounds what they make the proxy
+(and, upstream, the workers) hold; data messages go, only when asked for, to a thread that
+reports the rate. The frontend may be a CURVE server and the backend a CURVE client of the
+workers (curve.py).
 """
 
 from __future__ import annotations
@@ -24,10 +28,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import zmq
+from codetr_stream.daemon import curve
+from codetr_stream.daemon.subscribers import PeerLimits, SubscriberGuard
 
 log = logging.getLogger(__name__)
 
 DEFAULT_FRONTEND = "tcp://127.0.0.1:5560"  # subscribers connect here (XPUB)
+# Below a worker's limits (10,000 distinct subscriptions, 512 KiB at once from one peer), so
+# what the proxy forwards for all its subscribers never gets the proxy itself cut off.
+PROXY_LIMITS = PeerLimits(max_peers=128, max_subscriptions=5_000,
+                          peer_burst_bytes=64 * 1024, total_burst_bytes=256 * 1024)
 
 
 def expand_endpoints(specs: Sequence[str], replicas: int) -> list[str]:
@@ -80,6 +90,9 @@ class Proxy:
         hwm: int = 10_000,
         stats_interval: float = 0.0,
         on_stats: Callable[[Rate], None] | None = None,
+        limits: PeerLimits = PROXY_LIMITS,
+        curve_secret_key: bytes | None = None,
+        backend_server_key: bytes | None = None,
     ) -> None:
         self._context = zmq.Context()
         self._tag = uuid.uuid4().hex
@@ -87,16 +100,28 @@ class Proxy:
         self._on_stats = on_stats or _log_rate
         self._stopping = threading.Event()
         self._xpub = self._socket(zmq.XPUB, hwm)
+        if curve_secret_key is not None:
+            curve.serve(self._xpub, curve_secret_key)
+        self.guard = SubscriberGuard(self._xpub, limits, name="proxy frontend")
         self._xsub = self._socket(zmq.XSUB, hwm)
+        if backend_server_key is not None:
+            curve.connect_to(self._xsub, backend_server_key)
         try:
             self.frontend = [attach(self._xpub, spec) for spec in frontend]
             self.backend = [attach(self._xsub, spec) for spec in backend]
         except ValueError:
+            self.guard.close()
             self._context.destroy(linger=0)
             raise
         self._control = self._context.socket(zmq.PAIR)
         self._control.bind(f"inproc://control-{self._tag}")
-        self._threads = [threading.Thread(target=self._forward, name="proxy", daemon=True)]
+        # PUB: a reader that falls behind drops its copies instead of stalling the feed.
+        self._capture = self._context.socket(zmq.PUB)
+        self._capture.setsockopt(zmq.SNDHWM, 100_000)
+        self._capture.bind(f"inproc://capture-{self._tag}")
+        self._threads = [threading.Thread(target=self._forward, name="proxy", daemon=True),
+                         threading.Thread(target=self._watch_subscriptions,
+                                          name="proxy-subscriptions", daemon=True)]
         if stats_interval > 0:
             self._threads.append(threading.Thread(target=self._count, name="proxy-stats",
                                                   daemon=True))
@@ -113,6 +138,7 @@ class Proxy:
         return sock
 
     def start(self) -> Proxy:
+        self.guard.start()
         for thread in self._threads:
             thread.start()
         return self
@@ -120,26 +146,37 @@ class Proxy:
     def _forward(self) -> None:
         steer = self._context.socket(zmq.PAIR)
         steer.connect(f"inproc://control-{self._tag}")
-        capture = None
-        if self._stats_interval > 0:
-            # PUB, not PUSH: a counter that falls behind drops copies instead of stalling the feed.
-            capture = self._context.socket(zmq.PUB)
-            capture.setsockopt(zmq.SNDHWM, 100_000)
-            capture.bind(f"inproc://capture-{self._tag}")
         try:
-            zmq.proxy_steerable(self._xsub, self._xpub, capture, steer)
+            zmq.proxy_steerable(self._xsub, self._xpub, self._capture, steer)
         except zmq.ContextTerminated:
             pass
         finally:
             steer.close(0)
-            if capture is not None:
-                capture.close(0)
+
+    def _capture_reader(self, *prefixes: bytes, hwm: int) -> zmq.Socket:
+        sub = self._context.socket(zmq.SUB)
+        sub.setsockopt(zmq.RCVHWM, hwm)
+        for prefix in prefixes:
+            sub.setsockopt(zmq.SUBSCRIBE, prefix)
+        sub.connect(f"inproc://capture-{self._tag}")
+        return sub
+
+    def _watch_subscriptions(self) -> None:
+        """Every (un)subscription the frontend passes upstream, to the guard. Single frames
+        starting 0/1 are subscriptions; the capture PUB filters everything else out. No limit
+        on this queue (RCVHWM 0): the guard must see every one, and the guard's byte budget
+        bounds how many a peer can send."""
+        sub = self._capture_reader(b"\x00", b"\x01", hwm=0)
+        try:
+            while not self._stopping.is_set():
+                if sub.poll(100):
+                    while sub.poll(0):
+                        self.guard.subscription(sub.recv())
+        finally:
+            sub.close(0)
 
     def _count(self) -> None:
-        sub = self._context.socket(zmq.SUB)
-        sub.setsockopt(zmq.RCVHWM, 100_000)
-        sub.setsockopt(zmq.SUBSCRIBE, b"")
-        sub.connect(f"inproc://capture-{self._tag}")
+        sub = self._capture_reader(b"", hwm=100_000)
         messages = nbytes = 0
         started = time.monotonic()
         try:
@@ -166,7 +203,9 @@ class Proxy:
         for thread in self._threads:
             if thread.is_alive():
                 thread.join(timeout=5)
+        self.guard.close()
         self._control.close(0)
+        self._capture.close(0)
         self._xpub.close(0)
         self._xsub.close(0)
         self._context.term()

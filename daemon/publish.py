@@ -13,18 +13,33 @@ every other subscriber keeps getting everything. Every message carries `seq`, a 
 so a subscriber counts its own losses from the gaps (`subscribe()` does). Sends are non-blocking
 as well, so even a socket option that makes ZeroMQ refuse (instead of drop) cannot stall a caller:
 those refusals are counted in `refused`.
+
+The socket is an XPUB, a PUB that also hands the subscriptions it receives to this process, so
+a SubscriberGuard (subscribers.py) can bound what peers make it hold: their number, the bytes
+they send and the number of distinct subscriptions. A thread of its own hands the guard the
+subscriptions the socket reports at least every 50 ms, under the same lock as the senders. With
+`curve_secret_key` the socket is a CURVE server (curve.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections import defaultdict
+from typing import TYPE_CHECKING
 
 import zmq
+from codetr_stream.daemon import curve
 from codetr_stream.daemon.detections import FrameResult, StreamStatus
+from codetr_stream.daemon.subscribers import DEFAULT_LIMITS, PeerLimits, SubscriberGuard
+
+if TYPE_CHECKING:
+    from codetr_stream.daemon.config import PublishConfig
 
 TOPIC_END = "|"
+WATCH_INTERVAL_S = 0.05
+DRAIN_BATCH = 1000  # subscriptions handled per turn of the lock; more go round again at once
 
 
 def detection_topic(stream: str) -> bytes:
@@ -36,16 +51,21 @@ def status_topic(stream: str) -> bytes:
 
 
 class Publisher:
-    """Bound PUB socket; `publish` and `status` may be called from different threads."""
+    """Bound XPUB socket; `publish` and `status` may be called from different threads."""
 
-    def __init__(self, endpoint: str, hwm: int = 1000, *, context: zmq.Context | None = None):
+    def __init__(self, endpoint: str, hwm: int = 1000, *, context: zmq.Context | None = None,
+                 limits: PeerLimits = DEFAULT_LIMITS, curve_secret_key: bytes | None = None):
         self._context = context or zmq.Context.instance()
-        self._socket = self._context.socket(zmq.PUB)
+        self._socket = self._context.socket(zmq.XPUB)
         self._socket.setsockopt(zmq.SNDHWM, hwm)
         self._socket.setsockopt(zmq.LINGER, 0)  # shutdown must not wait for slow subscribers
+        if curve_secret_key is not None:
+            curve.serve(self._socket, curve_secret_key)
+        self._guard = SubscriberGuard(self._socket, limits, name="publish")
         try:
             self._socket.bind(endpoint)
         except zmq.ZMQError as exc:
+            self._guard.close()
             self._socket.close()
             raise OSError(
                 f"cannot bind the ZeroMQ publisher to {endpoint}: {exc}; "
@@ -57,6 +77,54 @@ class Publisher:
         self._seq: defaultdict[bytes, int] = defaultdict(int)
         self.sent = 0
         self.refused = 0
+        self._closing = threading.Event()
+        self._guard.start()
+        self._watcher = threading.Thread(target=self._watch, name="publish-subscriptions",
+                                         daemon=True)
+        self._watcher.start()
+
+    @classmethod
+    def from_config(cls, publish: PublishConfig) -> Publisher:
+        """As configured by streams.yaml's `publish:` section."""
+        secret = (curve.read_key(publish.curve_secret_key_file)
+                  if publish.curve_secret_key_file is not None else None)
+        limits = dataclasses.replace(DEFAULT_LIMITS, max_peers=publish.max_subscribers,
+                                     max_subscriptions=publish.max_subscriptions)
+        return cls(publish.endpoint, publish.sndhwm, limits=limits, curve_secret_key=secret)
+
+    @property
+    def subscribers(self) -> int:
+        """Connected peers."""
+        return self._guard.peers
+
+    @property
+    def subscriptions(self) -> int:
+        """Distinct topics subscribed to, over all peers."""
+        return self._guard.subscriptions
+
+    @property
+    def shut_down_peers(self) -> int:
+        """Peers disconnected for passing a limit, since the start."""
+        return self._guard.shut_down
+
+    def _watch(self) -> None:
+        """Hands the subscriptions the socket reports to the guard as they arrive."""
+        more = False
+        while not self._closing.wait(0 if more else WATCH_INTERVAL_S):
+            with self._lock:
+                if self._closing.is_set():
+                    return
+                more = self._drain()
+
+    def _drain(self) -> bool:
+        """Hand up to DRAIN_BATCH waiting subscriptions to the guard; True if more wait."""
+        for _ in range(DRAIN_BATCH):
+            try:
+                message = self._socket.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return False
+            self._guard.subscription(message)
+        return True
 
     def publish(self, result: FrameResult) -> bool:
         """Send one frame's detections; stamps `publish_ns` and `seq`. False if refused."""
@@ -80,7 +148,12 @@ class Publisher:
             return True
 
     def close(self) -> None:
+        if self._closing.is_set():
+            return
+        self._closing.set()
+        self._watcher.join()
         with self._lock:
+            self._guard.close()
             self._socket.close()
 
     def __enter__(self) -> Publisher:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import signal
@@ -43,11 +44,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--replicas", type=positive_int, metavar="N",
                    help="expand '{index}' in --backend to 0..N-1 (default: $CODETR_SHARD_REPLICAS)")
     p.add_argument("--hwm", type=int, default=10_000, help="high-water mark per socket, messages")
+    p.add_argument("--max-subscribers", type=_positive, metavar="N",
+                   help="subscriber connections at once (default 128)")
+    p.add_argument("--max-subscriptions", type=_positive, metavar="N",
+                   help="distinct subscriptions over all subscribers (default 5000; keep it "
+                   "below the workers' publish.max_subscriptions)")
+    p.add_argument("--curve-secret-key-file", type=Path, metavar="FILE",
+                   help="serve subscribers over CURVE with this secret key "
+                   "(`codetr-stream curve-keygen`)")
+    p.add_argument("--backend-curve-server-key", metavar="KEY|FILE",
+                   help="the workers' CURVE public key: connect to them over CURVE")
     # Off by default: the counter sees a copy of every message, which measured 2-3x the proxy's
     # own CPU per message (bench/proxy.py); the workers' /metrics count published frames anyway.
     p.add_argument("--stats-interval", type=float, default=0.0, metavar="S",
                    help="log the message rate every S seconds (default 0: off)")
     p.set_defaults(handler=proxy_command)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def _stream_names(path: Path) -> list[str]:
@@ -85,18 +103,28 @@ def shard_command(args: argparse.Namespace) -> int:
 
 
 def proxy_command(args: argparse.Namespace) -> int:
+    from codetr_stream.daemon import curve
     from codetr_stream.daemon.proxy import (
         DEFAULT_FRONTEND,
+        PROXY_LIMITS,
         Proxy,
         expand_endpoints,
     )
 
+    limits = dataclasses.replace(
+        PROXY_LIMITS, max_peers=args.max_subscribers or PROXY_LIMITS.max_peers,
+        max_subscriptions=args.max_subscriptions or PROXY_LIMITS.max_subscriptions)
     try:
+        secret = (curve.read_key(args.curve_secret_key_file)
+                  if args.curve_secret_key_file else None)
+        server_key = (curve.key_argument(args.backend_curve_server_key)
+                      if args.backend_curve_server_key else None)
         replicas = shard.resolve_shard(0, args.replicas).replicas
         backend = expand_endpoints(args.backend, replicas)
         proxy = Proxy(args.frontend or [DEFAULT_FRONTEND], backend,
-                      hwm=args.hwm, stats_interval=args.stats_interval)
-    except ValueError as exc:
+                      hwm=args.hwm, stats_interval=args.stats_interval, limits=limits,
+                      curve_secret_key=secret, backend_server_key=server_key)
+    except ValueError as exc:  # CurveKeyError included
         log.error("proxy: %s", exc)
         return 2
     stop = threading.Event()

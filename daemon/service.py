@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from codetr_stream.daemon import systemd
+from codetr_stream.daemon import fd_budget, systemd
 from codetr_stream.daemon.batcher import Batcher
 from codetr_stream.daemon.config import (
     ConfigError,
@@ -147,13 +147,14 @@ class Service:
     # ---- life cycle ----
 
     def start(self) -> Service:
+        fd_budget.ensure(self.config)
         # Ports first: one that is taken fails in a second, not after the engine's warm-up
         # (minutes on a GPU); /healthz says 503 (engine not warm) meanwhile.
-        self.publisher = Publisher(self.config.publish.endpoint, self.config.publish.sndhwm)
+        self.publisher = Publisher.from_config(self.config.publish)
         log.info("publishing on %s", self.publisher.endpoint)
-        self.health = HealthServer(liveness=self.liveness, metrics=self.metrics,
-                                   snapshots=self.snapshots, host=self.config.health.host,
-                                   port=self.config.health.port).start()
+        self.health = HealthServer.from_config(self.config.health, liveness=self.liveness,
+                                               metrics=self.metrics,
+                                               snapshots=self.snapshots).start()
         for device in self.devices:
             log.info("loading engine %s on %s", self.config.engine.path, device)
             with _on(device):  # engines that capture CUDA graphs do it on the current device

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import json
 import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -76,3 +81,44 @@ class DaemonThread:
         self.stop.set()
         self.thread.join(timeout=15)
         assert not self.thread.is_alive(), "the daemon did not stop"
+
+
+@contextmanager
+def publishing(send: Callable[[int], object], period_s: float = 0.02) -> Iterator[list[float]]:
+    """Call send(i) with i = 0, 1, ... in the background until the block ends (a subscriber
+    joins at some unknown point, as it would against a running daemon); yields the list of
+    how long each call took."""
+    took: list[float] = []
+    stop = threading.Event()
+
+    def loop() -> None:
+        i = 0
+        while not stop.wait(period_s):
+            started = time.perf_counter()
+            send(i)
+            took.append(time.perf_counter() - started)
+            i += 1
+
+    thread = threading.Thread(target=loop)
+    thread.start()
+    try:
+        yield took
+    finally:
+        stop.set()
+        thread.join()
+
+
+def timed_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, float]:
+    """GET `url`: (HTTP status, seconds to the whole answer); status 0 when there was none
+    within 10 s."""
+    request = urllib.request.Request(url, headers=headers or {})
+    started = time.monotonic()
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            response.read()
+            status = response.status
+    except urllib.error.HTTPError as error:
+        status = error.code
+    except OSError:
+        status = 0
+    return status, time.monotonic() - started

@@ -293,3 +293,42 @@ def test_diff_reports_stream_changes_and_settings_that_need_a_restart(tmp_path: 
     assert change.reconnect == ("d",)
     assert change.restart_required == ("batching",)
     assert diff(new, new).empty
+
+
+# ---- network limits and credential files (publish, health) ----
+
+
+def test_credential_files_are_checked_when_loading_and_never_printed(tmp_path: Path) -> None:
+    secret = "not-a-curve-key-but-secret-text"
+    (tmp_path / "bad.key").write_text(secret + "\n")
+    (tmp_path / "short.token").write_text("abc\n")
+    path = write(tmp_path, """
+        engine: {path: /tmp/engine}
+        publish: {curve_secret_key_file: bad.key, max_subscribers: 0}
+        health: {token_file: short.token, request_timeout_s: .inf, max_connections: -1}
+        """)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    found = {p.field: p for p in info.value.problems}
+    assert set(found) == {"publish.curve_secret_key_file", "publish.max_subscribers",
+                          "health.token_file", "health.request_timeout_s",
+                          "health.max_connections"}
+    assert "not a CURVE key" in found["publish.curve_secret_key_file"].message
+    assert "at least 16" in found["health.token_file"].message
+    assert all(p.line and "\n" not in str(p) for p in found.values())
+    assert secret not in str(info.value)
+
+
+def test_credential_files_resolve_next_to_the_config(tmp_path: Path) -> None:
+    zmq = pytest.importorskip("zmq")
+    _public, secret = zmq.curve_keypair()
+    (tmp_path / "server.secret").write_bytes(secret + b"\n")
+    (tmp_path / "token").write_text("t" * 32 + "\n")
+    config = load_config(write(tmp_path, """
+        engine: {path: /tmp/engine}
+        publish: {curve_secret_key_file: server.secret, max_subscribers: 8}
+        health: {token_file: token, max_connections: 4, request_timeout_s: 2.5}
+        """))
+    assert config.publish.curve_secret_key_file == tmp_path / "server.secret"
+    assert config.health.token_file == tmp_path / "token"
+    assert (config.publish.max_subscribers, config.health.max_connections) == (8, 4)

@@ -4,18 +4,33 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import os
 import socket
+import stat
+import struct
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
 from codetr_stream.daemon.detections import Detection
-from codetr_stream.daemon.health import HealthServer, Liveness, SnapshotStore, annotate
+from codetr_stream.daemon.health import (
+    HealthServer,
+    Liveness,
+    SnapshotStore,
+    annotate,
+    read_token,
+)
 from codetr_stream.daemon.metrics import Metrics
+from daemon_helpers import timed_get as get_url
+from fault_helpers import wait_for
+from hostile_peers import ATTACKER, half_sent_requests
 from PIL import Image
 
 
@@ -195,3 +210,146 @@ def test_annotate_draws_an_inverted_box_instead_of_failing() -> None:
 def test_annotate_rejects_non_rgb_input() -> None:
     with pytest.raises(ValueError, match="HxWx3 uint8"):
         annotate(np.zeros((4, 4), np.float32), [])
+
+
+# ---- hostile clients: bounded connections, timeouts, quiet hang-ups, escaped logs, token ----
+
+
+@contextmanager
+def server(**options) -> Iterator[Service]:
+    clock = Clock()
+    liveness = Liveness(loop_timeout_s=10, clock=clock)
+    liveness.set_engine_warm()
+    metrics = Metrics(clock=clock)
+    snapshots = SnapshotStore(interval_s=1.0, clock=clock, max_width=None)
+    with HealthServer(liveness=liveness, metrics=metrics, snapshots=snapshots, port=0,
+                      **options) as health:
+        yield Service(clock, liveness, metrics, snapshots, health)
+
+
+def timed_get(service: Service, path: str = "/healthz",
+              headers: dict[str, str] | None = None) -> tuple[int, float]:
+    host, port = service.server.address
+    return get_url(f"http://{host}:{port}{path}", headers)
+
+
+def held_connections(port: int, peer: str) -> int:
+    """Server-side sockets of this process connected to `peer` on local `port`."""
+    count = 0
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if not stat.S_ISSOCK(os.fstat(int(name)).st_mode):
+                continue
+            with socket.socket(fileno=os.dup(int(name))) as sock:
+                local, remote = sock.getsockname(), sock.getpeername()
+        except OSError:
+            continue
+        if local[1] == port and remote[0] == peer:
+            count += 1
+    return count
+
+
+def test_half_sent_requests_cannot_lock_out_a_probe() -> None:
+    """300 connections that never finish their request (slowloris) against 16 slots: each new
+    probe evicts the oldest of them, answers at once, and the server never holds more than 16."""
+    with server(max_connections=16, request_timeout_s=30) as service, \
+            half_sent_requests(service.server.address[1], 300):
+        answers = [timed_get(service) for _ in range(5)]
+        held = held_connections(service.server.address[1], ATTACKER)
+    assert all(status == 200 for status, _ in answers), answers
+    assert max(took for _, took in answers) < 1.0, answers
+    assert held <= 16, held
+
+
+def test_a_request_trickled_in_slower_than_the_timeout_is_cut() -> None:
+    with server(request_timeout_s=1.0) as service, \
+            socket.create_connection(service.server.address, timeout=5) as slow:
+        started = time.monotonic()
+        closed = False
+        for byte in b"GET /healthz HTTP/1.1\r\nHost: x\r\n":
+            try:
+                slow.sendall(bytes([byte]))
+                time.sleep(0.2)
+            except OSError:
+                closed = True
+                break
+        if not closed:  # everything sent: the server must have hung up by now
+            closed = slow.recv(1024) == b""
+        took = time.monotonic() - started
+    assert closed and took < 3.0, took
+
+
+def test_200_clients_at_once_are_all_answered_promptly() -> None:
+    """Socketserver's backlog of 5 made some of 200 simultaneous clients wait for SYN retries
+    (1 s, 3 s, 7 s, ...); with a backlog of 128 and 64 slots none waits."""
+    with server() as service:
+        results: list[tuple[int, float]] = []
+        threads = [threading.Thread(target=lambda: results.append(timed_get(service)))
+                   for _ in range(200)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert len(results) == 200 and {status for status, _ in results} == {200}
+    assert max(took for _, took in results) < 1.0, max(took for _, took in results)
+
+
+def test_control_characters_in_a_request_line_are_escaped_in_the_log(caplog) -> None:
+    caplog.set_level(logging.DEBUG, logger="codetr_stream.daemon.health")
+    with server() as service, socket.create_connection(service.server.address, timeout=5) as raw:
+        raw.sendall(b"GET /\x1b[2J\x1b]0;owned\x07\r HTTP/1.0\r\n\r\n")
+        assert raw.recv(1024).startswith(b"HTTP/1.0 ")
+        wait_for(lambda: any("\\x1b" in r.getMessage() for r in caplog.records), 5,
+                 "the request logged")
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "\x1b" not in logged and "\x07" not in logged and "\r" not in logged
+    assert "\\x1b[2J\\x1b]0;owned\\x07\\x0d" in logged
+
+
+def test_clients_that_hang_up_mid_response_leave_no_traceback(capfd, caplog) -> None:
+    """50 clients ask for a large snapshot and reset the connection after its first bytes:
+    nothing on stderr, each one a debug line through logging."""
+    caplog.set_level(logging.DEBUG, logger="codetr_stream.daemon.health")
+    noise = np.random.default_rng(0).integers(0, 255, (1500, 2000, 3), dtype=np.uint8)
+    with server() as service:
+        service.snapshots.put("cam1", noise, [PERSON])
+        for _ in range(50):
+            with socket.create_connection(service.server.address, timeout=5) as client:
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                client.sendall(b"GET /snapshot/cam1.jpg HTTP/1.0\r\n\r\n")
+                assert client.recv(16).startswith(b"HTTP/1.0 200")
+        wait_for(lambda: sum("went away" in r.getMessage() for r in caplog.records) >= 10, 10,
+                 "the hang-ups logged")
+        assert timed_get(service)[0] == 200
+    stderr = capfd.readouterr().err
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr and "Reset" not in stderr
+    assert {r.levelno for r in caplog.records if "went away" in r.getMessage()} == {logging.DEBUG}
+
+
+def test_metrics_and_snapshots_need_the_token_and_healthz_does_not(tmp_path) -> None:
+    token = "s3cret-" + "t" * 20
+    (tmp_path / "token").write_text(token + "\n")
+    with server(token=read_token(tmp_path / "token")) as service:
+        service.snapshots.put("cam1", gray(), [PERSON])
+        right = {"Authorization": f"Bearer {token}"}
+        wrong = {"Authorization": f"Bearer {token[:-1]}x"}
+        for path in ("/metrics", "/snapshot/cam1.jpg", "/snapshot/nope.jpg"):
+            assert timed_get(service, path)[0] == 401, path
+            assert timed_get(service, path, wrong)[0] == 401, path
+            assert timed_get(service, path, {"Authorization": token})[0] == 401, path
+        assert timed_get(service, "/metrics", right)[0] == 200
+        assert timed_get(service, "/snapshot/cam1.jpg", right)[0] == 200
+        assert timed_get(service, "/snapshot/nope.jpg", right)[0] == 404
+        assert timed_get(service, "/healthz")[0] == 200
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (None, "cannot read the token file"), (b"short\n", "at least 16"),
+    (b"has a space in it somewhere\n", "without spaces"), (b"\xff" * 20, "printable")])
+def test_a_bad_token_file_is_one_clear_error(tmp_path, content, message) -> None:
+    path = tmp_path / "token"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ValueError, match=message) as error:
+        read_token(path)
+    assert str(path) in str(error.value) and "\n" not in str(error.value)

@@ -65,7 +65,8 @@ def ports(c: dict) -> dict[str, int]:
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 def test_every_object_passes_the_api_schema(objects, version: str) -> None:
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
-    assert {k for k, _ in objects} == {"ConfigMap", "Service", "StatefulSet", "Deployment"}
+    assert {k for k, _ in objects} == {"ConfigMap", "Service", "StatefulSet", "Deployment",
+                                       "NetworkPolicy"}
     for (kind, name), doc in objects.items():
         try:
             kubernetes_validate.validate(doc, version, strict=True)
@@ -164,3 +165,34 @@ def test_services_select_their_pods(objects) -> None:
     worker_pods = sts["spec"]["template"]["metadata"]["labels"]
     proxy_selector = objects[("Service", "codetr-stream-proxy")]["spec"]["selector"]
     assert not proxy_selector.items() <= worker_pods.items(), "proxy Service selects workers"
+
+
+def test_pods_run_under_the_runtime_default_seccomp_profile(objects) -> None:
+    for kind in ("StatefulSet", "Deployment"):
+        pod = only(objects, kind)["spec"]["template"]["spec"]
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, kind
+
+
+def test_only_the_proxy_reaches_the_workers_zeromq_port(objects) -> None:
+    """The worker policy selects the worker pods, lets proxy pods (and nothing else) reach the
+    ZeroMQ port, keeps the health port reachable for probes and scraping; the proxy policy
+    opens the proxy's ZeroMQ port. Named ports must exist on the containers they protect."""
+    sts = only(objects, "StatefulSet")
+    proxy = objects[("Deployment", "codetr-stream-proxy")]
+    for policy_name, workload, container_name in (
+            ("codetr-stream-worker", sts, "worker"),
+            ("codetr-stream-proxy", proxy, "proxy")):
+        spec = objects[("NetworkPolicy", policy_name)]["spec"]
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        assert spec["podSelector"]["matchLabels"].items() <= labels.items(), policy_name
+        assert spec["policyTypes"] == ["Ingress"]
+        named = set(ports(container(workload, container_name)))
+        opened = {p["port"] for rule in spec["ingress"] for p in rule["ports"]}
+        assert opened <= named, (policy_name, opened - named)
+    rules = objects[("NetworkPolicy", "codetr-stream-worker")]["spec"]["ingress"]
+    zmq_rules = [r for r in rules if {p["port"] for p in r["ports"]} == {"zmq"}]
+    assert len(zmq_rules) == 1 and len(zmq_rules[0]["from"]) == 1
+    allowed = zmq_rules[0]["from"][0]["podSelector"]["matchLabels"]
+    assert allowed.items() <= proxy["spec"]["template"]["metadata"]["labels"].items()
+    assert not allowed.items() <= sts["spec"]["template"]["metadata"]["labels"].items()
+    assert any({p["port"] for p in r["ports"]} == {"health"} and "from" not in r for r in rules)

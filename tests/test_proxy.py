@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import json
+import random
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 
 import pytest
+from codetr_stream.daemon.detections import FrameResult
+from codetr_stream.daemon.procstat import sample_process
+from codetr_stream.daemon.publish import Publisher
+from daemon_helpers import publishing
+from fault_helpers import Recorder, wait_for
+from hostile_peers import ZmtpPeer, subscriptions
 from rtsp_server import free_port
 
 zmq = pytest.importorskip("zmq")
@@ -161,3 +169,97 @@ def test_worker_template_expands_to_every_pod() -> None:
     assert got == [">tcp://codetr-stream-0.codetr-stream:5555",
                    ">tcp://codetr-stream-1.codetr-stream:5555",
                    ">tcp://codetr-stream-2.codetr-stream:5555", "tcp://0.0.0.0:5559"]
+
+
+class ProxyProcess:
+    """`codetr-stream proxy` on a port the OS picks; its log lines collected as they come."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "codetr_stream.daemon.cli", "proxy",
+             "--frontend", "tcp://127.0.0.1:0", *args], stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        wait_for(lambda: any("subscribers -> " in line for line in self.lines)
+                 or self.proc.poll() is not None, 30, "the proxy starting")
+        started = next(line for line in self.lines if "subscribers -> " in line)
+        self.frontend = started.rsplit("subscribers -> ", 1)[1].strip()
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.append(line)
+
+    def rss_mb(self) -> float:
+        return sample_process(self.proc.pid).rss_bytes / 2**20
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=10)
+        finally:
+            self.proc.kill()
+            self._reader.join(timeout=5)
+
+
+@pytest.mark.slow
+def test_a_subscription_flood_through_the_proxy_is_cut_off_before_the_workers() -> None:
+    """200,000 distinct 72-byte topics to the proxy's frontend (unbounded, ~1.5 GB in the proxy's
+    two tries and ~0.7 GB in the worker's): the proxy cuts the sender off, its RSS stays within
+    100 MB, the worker's subscriptions go back to the one of the proxy's subscriber, which keeps
+    receiving. (Under a CPU-starved guard thread the proxy may forward enough that the worker cuts
+    the proxy off too, for one reconnect: a short gap, counted and shown, not failed on.)"""
+    rng = random.Random(1)
+    flood = subscriptions(rng.randbytes(72) for _ in range(200_000))
+    def send(i: int) -> None:
+        worker.publish(FrameResult("cam1", i, None, 0, 64, 48))
+
+    with Publisher("tcp://127.0.0.1:0") as worker, publishing(send, 0.01):
+        proxy = ProxyProcess("--backend", ">" + worker.endpoint, "--max-subscriptions", "1000")
+        good = Recorder(proxy.frontend).start()
+        try:
+            wait_for(lambda: good.det("cam1"), 20, "detections through the proxy")
+            before = proxy.rss_mb()
+            with ZmtpPeer(int(proxy.frontend.rsplit(":", 1)[1])) as peer:
+                peer.send(flood)
+                assert peer.dropped(), "the proxy never disconnected the flooding peer"
+            wait_for(lambda: worker.subscriptions == 1, 20, "the flood withdrawn from the worker")
+            grown = proxy.rss_mb() - before
+            after = time.monotonic()
+            wait_for(lambda: len(good.det_after("cam1", after)) >= 3, 10, "more detections")
+        finally:
+            good.stop()
+            code = proxy.stop()
+    assert code == 0, "".join(proxy.lines[-20:])
+    assert grown < 100, f"proxy RSS grew {grown:.0f} MB"
+    seqs = [m.payload["seq"] for m in good.det("cam1")]
+    lost = seqs[-1] - seqs[0] + 1 - len(seqs)
+    print(f"proxy RSS +{grown:.0f} MB; the proxy's subscriber lost {lost} message(s); the worker "
+          f"cut the proxy off {worker.shut_down_peers} time(s)")
+
+
+@pytest.mark.slow
+def test_curve_end_to_end_worker_proxy_subscriber(tmp_path) -> None:
+    """Worker -> proxy over CURVE (the proxy holds the worker's public key), proxy -> subscriber
+    over CURVE with the proxy's own keypair: detections arrive; a plain subscriber gets none."""
+    from codetr_stream.daemon import curve
+
+    worker_pub, worker_secret = curve.write_keypair(tmp_path, "worker")
+    proxy_pub, proxy_secret = curve.write_keypair(tmp_path, "proxy")
+    with Publisher("tcp://127.0.0.1:0", curve_secret_key=curve.read_key(worker_secret)) as worker, \
+            publishing(lambda i: worker.publish(FrameResult("cam1", i, None, 0, 64, 48))):
+        proxy = ProxyProcess("--backend", ">" + worker.endpoint,
+                             "--backend-curve-server-key", str(worker_pub),
+                             "--curve-secret-key-file", str(proxy_secret))
+        try:
+            cli = [sys.executable, "-m", "codetr_stream.daemon.cli", "subscribe",
+                   "--endpoint", proxy.frontend]
+            encrypted = subprocess.run([*cli, "--count", "3", "--curve-server-key", str(proxy_pub)],
+                                       capture_output=True, text=True, timeout=60)
+            plain = subprocess.run([*cli, "--timeout", "2"], capture_output=True, text=True,
+                                   timeout=60)
+        finally:
+            assert proxy.stop() == 0, "".join(proxy.lines[-20:])
+    assert encrypted.returncode == 0, encrypted.stderr
+    assert [json.loads(line)["stream"] for line in encrypted.stdout.splitlines()] == ["cam1"] * 3
+    assert plain.returncode == 1 and plain.stdout == ""

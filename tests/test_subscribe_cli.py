@@ -5,39 +5,17 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 
 import pytest
 import zmq
 from cli_helpers import interrupt
+from codetr_stream.daemon import curve
 from codetr_stream.daemon.detections import FrameResult, StreamStatus
 from codetr_stream.daemon.publish import Publisher
+from daemon_helpers import publishing
 
 CLI = [sys.executable, "-m", "codetr_stream.daemon.cli", "subscribe"]
-
-
-@contextmanager
-def publishing(send: Callable[[int], None], period_s: float = 0.02) -> Iterator[None]:
-    """Call send(i) with i = 0, 1, ... in the background until the block ends: the subscriber
-    process joins at some unknown point, as it would against a running daemon."""
-    stop = threading.Event()
-
-    def loop() -> None:
-        i = 0
-        while not stop.wait(period_s):
-            send(i)
-            i += 1
-
-    thread = threading.Thread(target=loop)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
 
 
 def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -135,3 +113,83 @@ def test_ctrl_c_while_waiting_exits_at_once() -> None:
         code, took = interrupt(proc)
     assert code == 130 and took < 2.0, took
     assert proc.stderr.read().strip() == "codetr-stream subscribe: interrupted"
+
+
+BAD_MESSAGES = [
+    [b"det.cam1|", b"\xff\xfe not json"],  # not UTF-8, not JSON
+    [b"det.cam1|"],  # one frame
+    [b"det.cam1|", b"{}", b"a third frame"],
+    [b"det.cam1|", b"[1, 2, 3]"],  # JSON, not an object
+    [b"det.cam1|", b"[" * 100_000 + b"]" * 100_000],  # nested past the parser's recursion
+    [b"det.cam1|", b'{"schema_version": 1, "seq": "7"}'],  # no integer seq
+    [b"\xff\xfe|", b'{"schema_version": 1, "seq": 1}'],  # topic not UTF-8
+]
+
+
+def test_malformed_messages_are_counted_and_skipped() -> None:
+    """A raw PUB interleaves every kind of broken message with good ones: the CLI prints the
+    good ones, says how many it skipped, exits 0, and never shows a traceback."""
+    with zmq.Context.instance().socket(zmq.PUB) as raw:
+        port = raw.bind_to_random_port("tcp://127.0.0.1")
+        good = FrameResult("cam1", 0, None, 0, 640, 480).to_dict()
+
+        def send(i: int) -> None:
+            for bad in BAD_MESSAGES:
+                raw.send_multipart(bad)
+            raw.send_multipart([b"det.cam1|", json.dumps({**good, "seq": i,
+                                                          "frame_index": i}).encode()])
+
+        with publishing(send, 0.05):
+            done = run_cli("--endpoint", f"tcp://127.0.0.1:{port}", "--count", "4")
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(lines) == 4 and all(m["type"] == "detections" for m in lines)
+    assert "malformed message(s) skipped so far" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_another_schema_version_is_one_line_and_exit_1() -> None:
+    with zmq.Context.instance().socket(zmq.PUB) as raw:
+        port = raw.bind_to_random_port("tcp://127.0.0.1")
+        with publishing(lambda i: raw.send_multipart(
+                [b"det.cam1|", b'{"schema_version": 99, "seq": 0}'])):
+            done = run_cli("--endpoint", f"tcp://127.0.0.1:{port}")
+    assert done.returncode == 1
+    assert done.stderr.strip().endswith("schema_version 99, this client reads 1; use the "
+                                        "codetr-stream version of the daemon")
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_curve_subscriber_with_the_server_key_receives_and_a_plain_one_nothing(
+        tmp_path) -> None:
+    """The daemon's publisher as a CURVE server: `subscribe --curve-server-key server.pub`
+    prints detections; a plain subscriber, and one holding another server's key, get
+    nothing."""
+    keys = subprocess.run([*CLI[:-1], "curve-keygen", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert keys.returncode == 0, keys.stderr
+    assert oct((tmp_path / "server.secret").stat().st_mode & 0o777) == "0o600"
+    other_public, _ = zmq.curve_keypair()
+    secret = curve.read_key(tmp_path / "server.secret")
+    with Publisher("tcp://127.0.0.1:0", curve_secret_key=secret) as pub, \
+            publishing(lambda i: pub.publish(frame("cam1", i))):
+        encrypted = run_cli("--endpoint", pub.endpoint, "--count", "3",
+                            "--curve-server-key", str(tmp_path / "server.pub"))
+        plain = run_cli("--endpoint", pub.endpoint, "--timeout", "2")
+        wrong = run_cli("--endpoint", pub.endpoint, "--timeout", "2",
+                        "--curve-server-key", other_public.decode())
+    assert encrypted.returncode == 0, encrypted.stderr
+    assert [json.loads(line)["stream"] for line in encrypted.stdout.splitlines()] == ["cam1"] * 3
+    for refused in (plain, wrong):
+        assert refused.returncode == 1 and refused.stdout == ""
+        assert "no message from" in refused.stderr
+    assert pub.subscriptions == 0  # the refused ones never got as far as subscribing
+
+
+def test_a_malformed_curve_key_is_one_line_and_exit_2(tmp_path) -> None:
+    (tmp_path / "bad.pub").write_text("not a key\n")
+    done = run_cli("--curve-server-key", str(tmp_path / "bad.pub"))
+    assert done.returncode == 2
+    assert done.stderr.strip() == (f"--curve-server-key: {tmp_path / 'bad.pub'}: not a CURVE "
+                                   "key (expected 40 Z85 characters, as `codetr-stream "
+                                   "curve-keygen` writes them)")

@@ -89,3 +89,18 @@ def test_unit_is_confined_to_its_state_cache_and_the_gpu() -> None:
     for device in ("/dev/nvidiactl", "/dev/nvidia-uvm", "char-nvidia-frontend"):
         assert device in allowed
     assert settings["LoadCredential"] and settings["EnvironmentFile"][0].startswith("-")
+
+
+def test_unit_caps_files_tasks_and_memory_with_room_for_the_fd_budget() -> None:
+    """LimitNOFILE covers the fd budget the daemon computes for a large site (500 cameras,
+    default limits); TasksMax and MemoryMax are set (the unit's comment says how to size them)."""
+    from codetr_stream.daemon import fd_budget
+    from codetr_stream.daemon.config import DaemonConfig
+
+    settings = _settings(UNIT)
+    site = DaemonConfig.model_validate({
+        "engine": {"path": "/var/lib/codetr-stream/engines/e"},
+        "streams": [{"name": f"cam{i}", "url": f"rtsp://10.0.0.{i % 250}/s"} for i in range(500)]})
+    assert fd_budget.needed(site) <= int(settings["LimitNOFILE"][0])
+    assert int(settings["TasksMax"][0]) >= 1024
+    assert re.fullmatch(r"\d+G", settings["MemoryMax"][0])
