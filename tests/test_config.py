@@ -185,7 +185,7 @@ def test_redact_masks_userinfo_query_secrets_and_substituted_values(
 ) -> None:
     assert redact("rtsp://admin:pw@10.0.0.5:554/x") == "rtsp://***@10.0.0.5:554/x"
     assert redact("open rtsps://token@cam/x failed") == "open rtsps://***@cam/x failed"
-    assert redact("http://h/x?user=a&password=b&x=1") == "http://h/x?user=a&password=***&x=1"
+    assert redact("http://h/x?user=a&password=b&x=1") == "http://h/x?user=***&password=***&x=1"
     assert redact("rtsp://10.0.0.5/x") == "rtsp://10.0.0.5/x"
     assert redact("rtsp://admin:p@ss@cam:554/x") == "rtsp://***@cam:554/x"  # '@' not encoded
     monkeypatch.setenv("WEIRD_SECRET", "tr0ub4dor&3")
