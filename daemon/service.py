@@ -335,7 +335,7 @@ class Service:
                           "postprocess": postprocess_ms})
         self.publisher.publish(result)
         state.published += 1
-        self.metrics.stream(frame.stream).published()
+        state.source.metrics.published()  # the stream's own handle: a removed one stays removed
         self.metrics.observe_frame(started - frame.decoded_mono,
                                    (result.publish_ns - frame.capture_ns) / 1e9)
         if self.config.snapshot.enabled and self.snapshots.due(frame.stream):
@@ -361,7 +361,7 @@ class Service:
             state.fps_out = (state.published - state.published_at_tick) / interval
             state.published_at_tick = state.published
             if slot.dropped > state.dropped_at_tick:
-                self.metrics.stream(name).dropped(slot.dropped - state.dropped_at_tick)
+                state.source.metrics.dropped(slot.dropped - state.dropped_at_tick)
                 state.dropped_at_tick = slot.dropped
             age = stats.last_frame_age(now)
             self.publisher.status(StreamStatus(
