@@ -139,6 +139,48 @@ def test_reload_refuses_an_invalid_config_and_stale_or_missing_pid_files(tmp_pat
     assert done.returncode == 1 and "no pid_file set" in done.stderr
 
 
+@pytest.mark.parametrize("key", ["pid_file", "publish"])
+def test_run_never_clobbers_a_file_it_does_not_own(tmp_path: Path, key: str) -> None:
+    """A pid_file or an ipc:// endpoint naming someone's file: `run` overwrote it and then
+    deleted it (ZeroMQ replaced it with a socket). Now both are refused in one line."""
+    victim = tmp_path / "notes.txt"
+    victim.write_text("precious\n")
+    setting = (f"pid_file: {victim}" if key == "pid_file"
+               else f'publish: {{endpoint: "ipc://{victim}"}}')
+    path = write(tmp_path, f"engine: {{path: e}}\n{setting}\nstreams: []\n")
+    done = cli("run", "--config", str(path))
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.splitlines() == [
+        f"{path}:2: {'pid_file' if key == 'pid_file' else 'publish.endpoint'}: {victim} exists "
+        f"and is not {'a pid file' if key == 'pid_file' else 'a socket'}; refusing to "
+        f"{'overwrite' if key == 'pid_file' else 'replace'} it: choose another path"
+        + (" (hint: `run` writes its pid here so `codetr-stream reload` can signal it)"
+           if key == "pid_file" else " (hint: ZeroMQ PUB bind address (tcp://, ipc://); "
+           "loopback unless you mean it)"),
+        f"{path}: 1 problem(s)", f"{path}: refusing to start"]
+    assert victim.read_text() == "precious\n"
+
+
+def test_run_refuses_a_pid_file_a_running_daemon_holds(tmp_path: Path) -> None:
+    daemon = subprocess.Popen([sys.executable, "-c", "# codetr-stream stand-in\nimport time\n"
+                               "print('ready', flush=True)\ntime.sleep(60)\n"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert daemon.stdout.readline().strip() == "ready"
+        (tmp_path / "daemon.pid").write_text(f"{daemon.pid}\n")
+        path = write(tmp_path, "engine: {path: e}\npid_file: daemon.pid\nstreams: []\n")
+        done = cli("run", "--config", str(path))
+        assert done.returncode == 1 and done.stderr.splitlines() == [
+            f"{path}: pid_file: {tmp_path / 'daemon.pid'}: codetr-stream is already running "
+            f"(pid {daemon.pid}); stop it, or give this one another pid_file",
+            f"{path}: refusing to start"], done.stderr
+        assert (tmp_path / "daemon.pid").read_text() == f"{daemon.pid}\n"
+    finally:
+        daemon.kill()
+        daemon.wait()
+        daemon.stdout.close()
+
+
 @pytest.mark.slow
 def test_run_writes_its_pid_file_and_reload_adds_a_stream(tmp_path: Path) -> None:
     """The real daemon (tiny CPU engine): `reload` reaches it through the pid file, the new
