@@ -205,7 +205,8 @@ def test_run_writes_its_pid_file_and_reload_adds_a_stream(tmp_path: Path) -> Non
                 assert daemon.poll() is None and time.monotonic() < deadline, "no pid file"
                 time.sleep(0.1)
             assert pid_file.read_text().strip() == str(daemon.pid)
-            write(tmp_path, head + 'streams: [{name: cam9, url: "rtsp://127.0.0.1:1/none"}]\n')
+            write(tmp_path, head + "streams: [{name: cam9, url: "
+                  f'"rtsp://127.0.0.1:{free_port()}/none"}}]\n')
             done = cli("reload", "--config", str(path))
             assert done.returncode == 0, done.stderr
             heartbeat = status.receive(timeout_s=120)
