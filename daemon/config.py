@@ -13,6 +13,7 @@ import difflib
 import logging
 import re
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -306,7 +307,7 @@ def _valid_port(text: str) -> bool:
 PID_TEXT = re.compile(rb"\s*\d{0,10}\s*")
 
 
-def _foreign_file(path: Path, is_kind: Any, kind: str) -> str | None:
+def _foreign_file(path: Path, is_kind: Callable[[int], bool], kind: str) -> str | None:
     """Why the daemon must not replace `path` with its own `kind` (its pid file or its ZeroMQ
     socket), or None. ZeroMQ unlinks whatever sits at an ipc path and `run` overwrites its pid
     file, then both delete the file at exit: anything there but a stale one of theirs (or an

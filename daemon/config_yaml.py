@@ -35,9 +35,10 @@ __all__ = ["MAX_BYTES", "MAX_DEPTH", "MAX_NODES", "read_yaml"]
 
 MAX_BYTES = 1 << 20  # ~7,000 cameras at ~150 bytes each
 MAX_DEPTH = 32  # the schema needs 6 (streams[i].roi.points[j][k])
-MAX_NODES = 50_000  # ~5,000 cameras; 3,000 load in 0.5 s on the 2-core CI machine
+MAX_NODES = 50_000  # ~5,000 cameras; 3,000 load in 0.5 s on the idle 2-core CI machine
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-_MAP, _SEQ, _MERGE = (f"tag:yaml.org,2002:{kind}" for kind in ("map", "seq", "merge"))
+_MAP, _SEQ, _STR, _MERGE = (f"tag:yaml.org,2002:{kind}" for kind in ("map", "seq", "str",
+                                                                        "merge"))
 _SCALAR_KINDS = {bool: "a boolean", int: "an integer", float: "a number", type(None): "null"}
 
 
@@ -170,6 +171,8 @@ class _Builder:
             self.building.discard(id(node))
 
     def scalar(self, node: yaml.ScalarNode, path: KeyPath) -> Any:
+        if node.tag == _STR:  # most of a file: what PyYAML's constructor would return
+            return node.value
         try:
             return self.loader.construct_object(node, deep=True)
         except yaml.MarkedYAMLError as exc:  # an unknown tag such as !!python/object

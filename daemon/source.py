@@ -147,6 +147,7 @@ class _Timeline:
         self.deadline = now + stall_timeout  # the first picture gets as long as any other
         self._last: tuple[float, float | None] | None = None  # (time, pts) of the last picture
         self._origin: float | None = None  # file pacing: wall time of pts 0
+        self._paced_pts = -frame_interval  # file pacing: the last picture's timestamp
 
     def captured(self, pts: float | None, now: float) -> float:
         """The time (monotonic) the picture with `pts`, decoded `now`, was captured."""
@@ -161,10 +162,10 @@ class _Timeline:
         return at
 
     def pace(self, pts: float | None, stop: threading.Event) -> None:
-        """Wait until the picture with `pts` is due, counting from the first one."""
-        if pts is None:
-            last_pts = self._last[1] if self._last is not None else None
-            pts = 0.0 if last_pts is None else last_pts + self.frame_interval
+        """Wait until the picture with `pts` (None: one frame after the last) is due, counting
+        from the first one."""
+        pts = self._paced_pts + self.frame_interval if pts is None else pts
+        self._paced_pts = pts
         now = time.monotonic()
         if self._origin is None or not -MAX_PACE_S <= self._origin + pts - now <= MAX_PACE_S:
             self._origin = now - pts  # the first picture, or the timestamps jumped

@@ -251,18 +251,21 @@ def test_a_file_plays_at_its_frame_rate_and_loops_after_the_backoff(collector, t
                                                                      caplog) -> None:
     """A 1 s clip at 10 fps: each play takes about a second (it was read as fast as it
     decodes), the next starts after the backoff, and replays are not logged above DEBUG (it
-    was a tight loop of 2 lines a play)."""
+    was a tight loop of 2 lines a play). Judged by each received frame's timestamp against when
+    it was decoded, so frames the slot replaced on a loaded machine do not matter."""
     caplog.set_level(logging.INFO, logger="codetr_stream.daemon.source")
     clip = write_clip(tmp_path / "clip.mp4", frames=10, fps=10)
     source = collector.add("clip", f"file://{clip}", backoff=Backoff(0.4, 0.4, 1.0, 0.0))
-    collector.drain(20, until=lambda c: c.count("clip") >= 30)
-    times = collector.arrivals["clip"]
-    assert len(times) >= 30 and source.stats.reconnects >= 2
-    gaps = np.diff(times)
-    plays = np.split(np.array(times), np.flatnonzero(gaps > 0.3) + 1)
+    collector.drain(30, until=lambda c: source.stats.reconnects >= 3)
+    frames = collector.frames["clip"]
+    starts = [0] + [i for i in range(1, len(frames)) if frames[i].pts < frames[i - 1].pts]
+    plays = [frames[a:b] for a, b in itertools.pairwise([*starts, len(frames)])]
     assert len(plays) >= 3, [len(p) for p in plays]
-    for play in plays[1:-1]:  # whole plays: 10 frames 0.1 s apart
-        assert len(play) >= 8 and 0.7 <= play[-1] - play[0] <= 1.3, np.diff(play)
-    assert all(0.35 <= b[0] - a[-1] <= 1.5 for a, b in itertools.pairwise(plays))
+    for play in plays[:3]:
+        offsets = [f.decoded_mono - f.pts for f in play]  # constant when played in real time
+        assert play[-1].pts - play[0].pts >= 0.5, [f.pts for f in play]
+        assert max(offsets) - min(offsets) < 0.3, [round(o - offsets[0], 2) for o in offsets]
+    for before, after in itertools.pairwise(plays[:3]):
+        assert 0.35 <= after[0].decoded_mono - before[-1].decoded_mono <= 3.0
     lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
     assert len(lines) == 1 and "connected" in lines[0], lines
