@@ -139,6 +139,20 @@ def test_reload_refuses_an_invalid_config_and_stale_or_missing_pid_files(tmp_pat
     assert done.returncode == 1 and "no pid_file set" in done.stderr
 
 
+@pytest.mark.parametrize("tail, problem", [
+    (b"\xff\n", ":3: not UTF-8 text (byte 0xff) (hint: save the file as UTF-8)"),
+    (b"x: &a [1, *a]\n", ":3: a recursive alias: this value contains itself")])
+def test_run_refuses_an_unreadable_file_in_one_line(tmp_path: Path, tail: bytes,
+                                                    problem: str) -> None:
+    """`run` reads the file as check-config does: a traceback before (UnicodeDecodeError,
+    RecursionError), now the problem, its line and the refusal."""
+    path = tmp_path / "streams.yaml"
+    path.write_bytes(b"engine: {path: e}\nstreams: []\n" + tail)
+    done = cli("run", "--config", str(path))
+    assert done.returncode == 1 and done.stderr.splitlines() == [
+        f"{path}{problem}", f"{path}: 1 problem(s)", f"{path}: refusing to start"], done.stderr
+
+
 @pytest.mark.parametrize("key", ["pid_file", "publish"])
 def test_run_never_clobbers_a_file_it_does_not_own(tmp_path: Path, key: str) -> None:
     """A pid_file or an ipc:// endpoint naming someone's file: `run` overwrote it and then
