@@ -99,14 +99,10 @@ def test_run_refuses_an_invalid_config(tmp_path: Path) -> None:
 
 
 def test_reload_signals_the_daemon_in_the_pid_file(tmp_path: Path) -> None:
-    # Stands in for the daemon: a process whose command line says codetr, that reports SIGHUP.
-    daemon = subprocess.Popen(
-        [sys.executable, "-c", "# codetr-stream stand-in\nimport signal, sys\n"
-         "signal.signal(signal.SIGHUP, lambda *a: (print('HUP', flush=True), sys.exit(0)))\n"
-         "print('ready', flush=True)\nsignal.pause()\n"],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert daemon.stdout.readline().strip() == "ready"
+    from daemon_helpers import stand_in_daemon
+
+    with stand_in_daemon("signal.signal(signal.SIGHUP, lambda *a: (print('HUP', flush=True), "
+                         "sys.exit(0)))") as daemon:
         (tmp_path / "daemon.pid").write_text(f"{daemon.pid}\n")
         path = write(tmp_path, "engine: {path: e}\npid_file: daemon.pid\nstreams: []\n")
         done = cli("reload", "--config", str(path))
@@ -114,8 +110,6 @@ def test_reload_signals_the_daemon_in_the_pid_file(tmp_path: Path) -> None:
         assert done.stdout.strip() == f"sent SIGHUP to codetr-stream (pid {daemon.pid})"
         assert daemon.stdout.readline().strip() == "HUP"
         assert daemon.wait(timeout=10) == 0
-    finally:
-        daemon.kill()
 
 
 def test_reload_refuses_an_invalid_config_and_stale_or_missing_pid_files(tmp_path: Path) -> None:
@@ -176,11 +170,9 @@ def test_run_never_clobbers_a_file_it_does_not_own(tmp_path: Path, key: str) -> 
 
 
 def test_run_refuses_a_pid_file_a_running_daemon_holds(tmp_path: Path) -> None:
-    daemon = subprocess.Popen([sys.executable, "-c", "# codetr-stream stand-in\nimport time\n"
-                               "print('ready', flush=True)\ntime.sleep(60)\n"],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert daemon.stdout.readline().strip() == "ready"
+    from daemon_helpers import stand_in_daemon
+
+    with stand_in_daemon() as daemon:
         (tmp_path / "daemon.pid").write_text(f"{daemon.pid}\n")
         path = write(tmp_path, "engine: {path: e}\npid_file: daemon.pid\nstreams: []\n")
         done = cli("run", "--config", str(path))
@@ -189,10 +181,6 @@ def test_run_refuses_a_pid_file_a_running_daemon_holds(tmp_path: Path) -> None:
             f"(pid {daemon.pid}); stop it, or give this one another pid_file",
             f"{path}: refusing to start"], done.stderr
         assert (tmp_path / "daemon.pid").read_text() == f"{daemon.pid}\n"
-    finally:
-        daemon.kill()
-        daemon.wait()
-        daemon.stdout.close()
 
 
 @pytest.mark.slow

@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 from codetr_stream.daemon.pidfile import PidFileError, daemon_pid, pid_file
-
-STAND_IN = "# codetr-stream stand-in\nimport time\nprint('ready', flush=True)\ntime.sleep(60)\n"
+from daemon_helpers import stand_in_daemon
 
 
 def test_the_pid_file_is_never_seen_empty(tmp_path: Path) -> None:
@@ -63,19 +60,13 @@ def test_a_pid_file_someone_rewrote_is_left_in_place(tmp_path: Path) -> None:
 
 def test_a_live_daemon_keeps_its_pid_file(tmp_path: Path) -> None:
     path = tmp_path / "daemon.pid"
-    other = subprocess.Popen([sys.executable, "-c", STAND_IN], stdout=subprocess.PIPE, text=True)
-    try:
-        assert other.stdout.readline().strip() == "ready"
+    with stand_in_daemon() as other:
         path.write_text(f"{other.pid}\n")
         assert daemon_pid(path) == other.pid
         with pytest.raises(PidFileError, match=f"already running \\(pid {other.pid}\\)"), \
                 pid_file(path):
             pass
         assert path.read_text() == f"{other.pid}\n"
-    finally:
-        other.kill()
-        other.wait()
-        other.stdout.close()
 
 
 def test_an_unwritable_pid_file_is_one_line(tmp_path: Path) -> None:
