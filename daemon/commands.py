@@ -14,7 +14,6 @@ the old one, but the operator sees why right here):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -22,7 +21,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -165,43 +163,37 @@ def _engine_refusal(config: Any) -> str | None:
     return None
 
 
+def _say(text: str, *, file: Any = None) -> None:
+    """print(), with anything that came from a secret masked (a path or endpoint may be a
+    `${...}` reference too)."""
+    from codetr_stream.daemon.secrets import redact
+
+    print(redact(text), file=file or sys.stdout)
+
+
 def check_config_command(args: argparse.Namespace) -> int:
     config = _load(args.file)
     if config is None:
         return 1
     refusal = _engine_refusal(config)
     if refusal is not None:
-        print(f"{args.file}: run would refuse: engine: {refusal}", file=sys.stderr, flush=True)
+        _say(f"{args.file}: run would refuse: engine: {refusal}", file=sys.stderr)
     else:
-        print(f"{args.file}: OK")
+        _say(f"{args.file}: OK")
     enabled = config.enabled_streams
-    print(f"engine: {config.engine.path} (device {config.engine.device}, "
-          f"gpus {list(config.engine.gpus)})")
-    print(f"batching: max_batch {config.batching.max_batch}, "
-          f"max_wait_ms {config.batching.max_wait_ms:g}")
-    print(f"publish: {config.publish.endpoint} (sndhwm {config.publish.sndhwm})")
-    print(f"health: http://{config.health.host}:{config.health.port}/healthz")
-    print(f"streams: {len(enabled)} enabled of {len(config.streams)}")
+    _say(f"engine: {config.engine.path} (device {config.engine.device}, "
+         f"gpus {list(config.engine.gpus)})")
+    _say(f"batching: max_batch {config.batching.max_batch}, "
+         f"max_wait_ms {config.batching.max_wait_ms:g}")
+    _say(f"publish: {config.publish.endpoint} (sndhwm {config.publish.sndhwm})")
+    _say(f"health: http://{config.health.host}:{config.health.port}/healthz")
+    _say(f"streams: {len(enabled)} enabled of {len(config.streams)}")
     for stream in config.streams:
         classes = ",".join(map(str, stream.classes)) if stream.classes else "all"
         state = "" if stream.enabled else " [disabled]"
-        print(f"  {stream.name}: {stream.safe_url} ({stream.transport}, classes {classes}, "
-              f"min_score {stream.min_score:g}{', roi' if stream.roi else ''}){state}")
+        _say(f"  {stream.name}: {stream.safe_url} ({stream.transport}, classes {classes}, "
+             f"min_score {stream.min_score:g}{', roi' if stream.roi else ''}){state}")
     return REFUSES if refusal is not None else 0
-
-
-@contextlib.contextmanager
-def _pid_file(path: Path | None) -> Iterator[None]:
-    if path is None:
-        yield
-        return
-    path.write_text(f"{os.getpid()}\n")
-    try:
-        yield
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            if path.read_text().strip() == str(os.getpid()):
-                path.unlink()
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -213,6 +205,7 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"{args.config}: refusing to start", file=sys.stderr)
         return 1
     from codetr_stream.daemon import service
+    from codetr_stream.daemon.pidfile import PidFileError, pid_file
     from codetr_stream.daemon.shard import resolve_shard
 
     try:
@@ -227,8 +220,10 @@ def run_command(args: argparse.Namespace) -> int:
     # the process (SIGHUP's default action): ignore it for that moment.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
-        with _pid_file(config.pid_file):
+        with pid_file(config.pid_file):
             return int(service.run(config, config_path=args.config, restrict=shard.restrict) or 0)
+    except PidFileError as exc:
+        return _refuse(args.config, f"pid_file: {exc}")
     except _engine_errors() as exc:  # what the manifest could not tell (e.g. no TensorRT)
         return _refuse(args.config, f"engine: {exc}")
     except OSError as exc:  # a port in use, an address not on this host: the message says which
@@ -253,20 +248,6 @@ def _engine_errors() -> tuple[type[Exception], ...]:
     return (CheckpointError, IncompatibleEngine, ManifestError, NoGpu, TensorRTUnavailable)
 
 
-def _daemon_pid(pid_file: Path) -> int:
-    """The pid in `pid_file`, checked to be a live codetr-stream process (pids get reused)."""
-    try:
-        pid = int(pid_file.read_text().strip())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except FileNotFoundError:
-        raise ProcessLookupError(f"{pid_file}: no running daemon (start it with `run`)") from None
-    except ValueError:
-        raise ProcessLookupError(f"{pid_file}: does not hold a pid") from None
-    if b"codetr" not in cmdline:
-        raise ProcessLookupError(f"{pid_file}: pid {pid} is not codetr-stream (stale pid file)")
-    return pid
-
-
 def reload_command(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
@@ -279,8 +260,10 @@ def reload_command(args: argparse.Namespace) -> int:
         print(f"{args.config}: no pid_file set; add `pid_file: /run/codetr-stream/pid` (or use "
               "--systemd)", file=sys.stderr)
         return 1
+    from codetr_stream.daemon.pidfile import daemon_pid
+
     try:
-        pid = _daemon_pid(config.pid_file)
+        pid = daemon_pid(config.pid_file)
         os.kill(pid, signal.SIGHUP)
     except (ProcessLookupError, PermissionError) as exc:
         print(f"cannot signal the daemon: {exc}", file=sys.stderr)

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import logging
 import re
+import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -22,12 +25,12 @@ from codetr_stream.daemon.config_errors import (
     ConfigError,
     KeyPath,
     Problem,
-    compose_with_lines,
     dotted,
     validation_problems,
 )
+from codetr_stream.daemon.config_yaml import read_yaml
 from codetr_stream.daemon.detections import COCO_CLASSES
-from codetr_stream.daemon.secrets import SecretError, redact, substitute
+from codetr_stream.daemon.secrets import SecretError, redact, shown, substitute
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -43,18 +46,25 @@ __all__ = [
     "diff", "load_config", "redact", "resolve_class_ids",
 ]  # fmt: skip
 
+log = logging.getLogger(__name__)
+
 STREAM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+STREAM_NAME_RULE = "use 1-64 letters, digits, '_' or '-', starting with a letter or digit"
 SOURCE_SCHEMES = ("rtsp", "rtsps", "file")
 PUBLISH_SCHEMES = ("tcp", "ipc", "inproc")
 SECRET_HINT = ("export the variable, or provide a systemd credential (LoadCredential=) or Docker "
                "secret file of that name")
+MAX_PROBLEMS = 50  # reported of one file; a broken file can hold thousands
+# Upper bounds on times: beyond an hour a value is a typo, and Event.wait() raises OverflowError
+# past ~9e9 s (`.inf` and `.nan` are refused for every number).
+MAX_SECONDS = 3600.0
 
 
 Fraction = Annotated[float, Field(ge=0, le=1)]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class EngineConfig(_Section):
@@ -65,7 +75,7 @@ class EngineConfig(_Section):
     device: Literal["auto", "cuda", "cpu"] = Field(
         "auto", description="auto = the GPUs in `gpus` when CUDA is available, else the CPU path"
     )
-    gpus: tuple[Annotated[int, Field(ge=0)], ...] = Field(
+    gpus: tuple[Annotated[int, Field(ge=0, le=255)], ...] = Field(
         (0,), min_length=1, description="CUDA device ids; one engine worker per GPU"
     )
 
@@ -83,10 +93,12 @@ class PublishConfig(_Section):
         description="ZeroMQ PUB bind address (tcp://, ipc://); loopback unless you mean it",
     )
     sndhwm: int = Field(
-        1000, ge=1, description="messages queued per subscriber before ZeroMQ drops for it"
+        1000, ge=1, le=100_000,
+        description="messages queued per subscriber before ZeroMQ drops for it (at most "
+        "100,000: a few hundred MB for one stuck subscriber)",
     )
     status_interval_s: float = Field(
-        1.0, gt=0, le=60, description="seconds between `status.<stream>` heartbeats"
+        1.0, ge=0.05, le=60, description="seconds between `status.<stream>` heartbeats"
     )
     max_subscribers: int = Field(
         64, ge=1, le=100_000, description="subscriber connections at once; more are refused"
@@ -108,9 +120,18 @@ class PublishConfig(_Section):
     @field_validator("endpoint")
     @classmethod
     def _endpoint(cls, value: str) -> str:
-        scheme = value.partition("://")[0]
-        if scheme not in PUBLISH_SCHEMES or "://" not in value:
-            raise ValueError(f"use tcp://HOST:PORT or ipc:///path, not {redact(value)!r}")
+        scheme, sep, rest = value.partition("://")
+        if not sep or scheme not in PUBLISH_SCHEMES:
+            raise ValueError(f"use tcp://HOST:PORT or ipc:///path, not {shown(redact(value))}")
+        if scheme == "tcp":
+            host, colon, port = rest.rpartition(":")
+            if not (colon and host) or not (port in ("*", "0") or _valid_port(port)):
+                raise ValueError("use tcp://HOST:PORT with a port 1-65535 (or * for any free "
+                                 "one), e.g. tcp://127.0.0.1:5555")
+        # '@' starts a name in Linux's abstract namespace, not a path.
+        if scheme == "ipc" and not rest.startswith("@") and \
+                (why := _foreign_file(Path(rest), stat.S_ISSOCK, "a socket")):
+            raise ValueError(f"{rest} {why}")
         return value
 
 
@@ -147,14 +168,25 @@ class SnapshotConfig(_Section):
 
 
 class ReconnectConfig(_Section):
-    open_timeout_s: float = Field(10.0, gt=0, description="give up connecting after this long")
-    read_timeout_s: float = Field(5.0, gt=0, description="socket read timeout of the demuxer")
-    stall_timeout_s: float = Field(
-        10.0, gt=0, description="reconnect when no frame was decoded for this long (open, silent)"
+    open_timeout_s: float = Field(
+        10.0, ge=0.1, le=MAX_SECONDS, description="give up connecting after this long"
     )
-    backoff_initial_s: float = Field(0.5, gt=0, description="first wait before reconnecting")
-    backoff_max_s: float = Field(30.0, gt=0, description="longest wait between reconnects")
-    backoff_multiplier: float = Field(2.0, ge=1, description="wait grows by this after failures")
+    read_timeout_s: float = Field(
+        5.0, ge=0.1, le=MAX_SECONDS, description="socket read timeout of the demuxer"
+    )
+    stall_timeout_s: float = Field(
+        10.0, ge=0.1, le=MAX_SECONDS,
+        description="reconnect when no frame was decoded for this long (open, silent)",
+    )
+    backoff_initial_s: float = Field(
+        0.5, ge=0.05, le=MAX_SECONDS, description="first wait before reconnecting"
+    )
+    backoff_max_s: float = Field(
+        30.0, ge=0.05, le=MAX_SECONDS, description="longest wait between reconnects"
+    )
+    backoff_multiplier: float = Field(
+        2.0, ge=1, le=10, description="wait grows by this after failures"
+    )
     backoff_jitter: float = Field(
         0.25, ge=0, le=1, description="random +/- fraction of each wait, so cameras don't sync up"
     )
@@ -202,7 +234,8 @@ class StreamConfig(_Section):
         "tcp", description="RTSP transport: tcp (robust through NAT and loss) or udp"
     )
     max_fps: float | None = Field(
-        None, gt=0, description="process at most this many frames per second; null = every frame"
+        None, ge=0.01, le=1000,
+        description="process at most this many frames per second; null = every frame",
     )
     classes: tuple[str | int, ...] | None = Field(
         None, min_length=1, description="publish only these classes (names or ids); null = all"
@@ -214,19 +247,36 @@ class StreamConfig(_Section):
     @classmethod
     def _topic_safe(cls, name: str) -> str:
         if not STREAM_NAME.fullmatch(name):
-            raise ValueError(f"{name!r} is not a valid stream name (1-64 characters, no dots)")
+            raise ValueError(f"{shown(name)} is not a valid stream name: {STREAM_NAME_RULE}")
         return name
 
     @field_validator("url")
     @classmethod
     def _url(cls, url: str) -> str:
+        if not url.isprintable() or " " in url:
+            raise ValueError("spaces and control characters in the URL must be percent-encoded "
+                             "(a space is %20)")
         parts = urlsplit(url)
         if parts.scheme not in SOURCE_SCHEMES:
-            raise ValueError(f"unsupported scheme {parts.scheme!r}; use rtsp://, rtsps:// or file://")
-        if parts.scheme == "file" and not parts.path:
-            raise ValueError("a file:// URL needs a path, e.g. file:///videos/cam1.mp4")
-        if parts.scheme != "file" and not parts.hostname:
+            raise ValueError(f"unsupported scheme {shown(parts.scheme)}; use rtsp://, rtsps:// "
+                             "or file://")
+        if parts.scheme == "file":
+            if not parts.path:
+                raise ValueError("a file:// URL needs a path, e.g. file:///videos/cam1.mp4")
+            return url
+        if parts.netloc.count("@") > 1:
+            raise ValueError("an '@' in the user or password: percent-encode it as %40")
+        if "@" in url.partition("://")[2][len(parts.netloc):]:
+            raise ValueError("an '@' after the host: percent-encode '/', '?' and '#' in a "
+                             "password as %2F, %3F and %23 (and '@' as %40)")
+        if not parts.hostname:
             raise ValueError("no host in the URL; percent-encode '@', '/' and ':' in passwords")
+        try:
+            port = parts.port
+        except ValueError:  # not a number, or above 65535
+            port = 0
+        if port is not None and not 1 <= port <= 65535:
+            raise ValueError("the port must be a number 1-65535 (host:port, e.g. cam:554)")
         return url
 
     @field_validator("classes")
@@ -265,16 +315,54 @@ class DaemonConfig(_Section):
             return value.model_copy(update={"path": Path(base) / value.path})
         return Path(base) / value
 
+    @field_validator("pid_file", mode="after")
+    @classmethod
+    def _pid_file_is_ours(cls, path: Path | None) -> Path | None:
+        if path is not None and (why := _foreign_file(path, stat.S_ISREG, "a pid file")):
+            raise ValueError(f"{path} {why}")
+        return path
+
     @field_validator("streams")
     @classmethod
     def _unique_names(cls, streams: tuple[StreamConfig, ...]) -> tuple[StreamConfig, ...]:
         if dupes := _duplicates([s.name for s in streams]):
-            raise ValueError(f"duplicate stream names: {', '.join(d[0] for d in dupes)}")
+            raise ValueError(f"duplicate stream names: {', '.join(shown(d[0]) for d in dupes)}")
         return streams
 
     @property
     def enabled_streams(self) -> tuple[StreamConfig, ...]:
         return tuple(s for s in self.streams if s.enabled)
+
+
+def _valid_port(text: str) -> bool:
+    return text.isascii() and text.isdigit() and len(text) <= 5 and 1 <= int(text) <= 65535
+
+
+PID_TEXT = re.compile(rb"\s*\d{0,10}\s*")
+
+
+def _foreign_file(path: Path, is_kind: Callable[[int], bool], kind: str) -> str | None:
+    """Why the daemon must not replace `path` with its own `kind` (its pid file or its ZeroMQ
+    socket), or None. ZeroMQ unlinks whatever sits at an ipc path and `run` overwrites its pid
+    file, then both delete the file at exit: anything there but a stale one of theirs (or an
+    empty file) belongs to someone else."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"cannot be checked: {exc.strerror}"
+    if not is_kind(mode):
+        return f"exists and is not {kind}; refusing to replace it: choose another path"
+    if stat.S_ISREG(mode):
+        try:
+            with path.open("rb") as f:
+                head = f.read(64)
+        except OSError as exc:
+            return f"cannot be read: {exc.strerror}"
+        if not PID_TEXT.fullmatch(head):
+            return f"exists and is not {kind}; refusing to overwrite it: choose another path"
+    return None
 
 
 def _duplicates(names: list[Any]) -> list[tuple[str, int, int]]:
@@ -352,39 +440,52 @@ def load_config(
     """Read, substitute and validate a streams.yaml; raises ConfigError listing every problem.
 
     `class_names` checks stream class allow-lists (COCO by default; pass the engine manifest's
-    names once it is loaded, or None to skip the check).
+    names once it is loaded, or None to skip the check). Nothing else is raised: whatever goes
+    wrong reading a file is a problem in that file.
     """
     file = str(path)
     try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise ConfigError([Problem(file, None, "", f"cannot read: {exc.strerror}")]) from None
-    problems: list[Problem] = []
-    data, lines = compose_with_lines(text, file, problems)
+        config, problems = _load(Path(path), file, class_names)
+    except Exception as exc:  # a bug here must not kill a daemon on reload: say where it was
+        log.debug("reading %s failed", file, exc_info=True)
+        config, problems = None, [Problem(file, None, "", f"cannot be read ({type(exc).__name__}"
+                                          "); please report this with the file")]
     if problems:
+        problems.sort(key=lambda p: (p.line or 0, p.field))
+        if len(problems) > MAX_PROBLEMS:
+            more = len(problems) - MAX_PROBLEMS
+            problems[MAX_PROBLEMS:] = [Problem(file, None, "", f"{more} more problems not shown")]
         raise ConfigError(problems)
+    return config
+
+
+def _load(path: Path, file: str,
+          class_names: tuple[str, ...] | None) -> tuple[DaemonConfig | None, list[Problem]]:
+    problems: list[Problem] = []
+    data, lines = read_yaml(path, file, problems)
+    if problems:
+        return None, problems
     if not isinstance(data, dict):
-        raise ConfigError([Problem(file, 1, "", "the file must be a mapping of sections",
-                                   "start with `engine:` and `streams:`; see streams.yaml")])
+        return None, [Problem(file, 1, "", "the file must be a mapping of sections",
+                              "start with `engine:` and `streams:`; see streams.yaml")]
     data = _substitute_all(data, (), file, lines, problems)
     raw_streams = data.get("streams") if isinstance(data.get("streams"), list) else []
     names = [entry.get("name") if isinstance(entry, dict) else None for entry in raw_streams]
     for name, first, index in _duplicates(names):  # here too, so they come with every other problem
         line = lines.get(("streams", index, "name"))
         problems.append(Problem(file, line, f"streams[{index}].name",
-                                f"duplicate stream name {name!r}", f"used by streams[{first}]"))
+                                f"duplicate stream name {shown(name)}",
+                                f"used by streams[{first}]"))
     reported = {p.field for p in problems}
-    context = {"base_dir": Path(path).resolve().parent,
+    context = {"base_dir": path.resolve().parent,
                "class_names": tuple(class_names) if class_names else None}
     try:
-        config = DaemonConfig.model_validate(data, context=context)
+        return DaemonConfig.model_validate(data, context=context), problems
     except ValidationError as exc:
         found = validation_problems(exc, DaemonConfig, file, lines)
         problems += [p for p in found if p.field not in reported
                      and not (p.field == "streams" and p.message.startswith("duplicate"))]
-    if problems:
-        raise ConfigError(sorted(problems, key=lambda p: (p.line or 0, p.field)))
-    return config
+    return None, problems
 
 
 # ---- reload ----

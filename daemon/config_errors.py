@@ -1,9 +1,9 @@
 """Config problems an operator can act on: `file:line: field: message (hint)`.
 
-PyYAML's plain `safe_load` forgets where each value came from and pydantic reports locations as
-key paths, so this module keeps the line of every key and list item while reading the YAML and
-maps each validation error back to it, with a hint: the key probably meant for an unknown key,
-else the field's own description from the schema.
+Pydantic reports locations as key paths; the YAML reader (config_yaml) keeps the line of every
+key and list item, and this module maps each validation error back to it, with a hint: the key
+probably meant for an unknown key, else the field's own description from the schema. A problem's
+message is redacted (secrets.redact): it may quote a value substituted from a secret.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import inspect
 from dataclasses import dataclass
 from typing import Any, get_args
 
-import yaml
+from codetr_stream.daemon.secrets import redact
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
@@ -30,7 +30,8 @@ class Problem:
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}" if self.line else self.file
-        what = f"{self.field}: {self.message}" if self.field else self.message
+        message = redact(self.message)  # hints are schema text, never a value
+        what = f"{self.field}: {message}" if self.field else message
         return f"{where}: {what}" + (f" (hint: {self.hint})" if self.hint else "")
 
 
@@ -48,51 +49,6 @@ def dotted(path: KeyPath) -> str:
     for part in path:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out
-
-
-def compose_with_lines(
-    text: str, file: str, problems: list[Problem]
-) -> tuple[Any, dict[KeyPath, int]]:
-    """The YAML document as Python data, plus the line of every key and list item.
-
-    Syntax errors and duplicate keys (which PyYAML would silently resolve to the last one) are
-    appended to `problems`.
-    """
-    loader = yaml.SafeLoader(text)
-    try:
-        root = loader.get_single_node()
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark else None
-        problems.append(Problem(file, line, "", f"invalid YAML: {exc.problem}"))
-        return None, {}
-    finally:
-        loader.dispose()
-    lines: dict[KeyPath, int] = {(): 1}
-
-    def build(node: yaml.Node, path: KeyPath) -> Any:
-        if isinstance(node, yaml.MappingNode):
-            loader.flatten_mapping(node)  # YAML merge keys (<<: *anchor)
-            out: dict[Any, Any] = {}
-            for key_node, value_node in node.value:
-                key = loader.construct_object(key_node, deep=True)
-                line = key_node.start_mark.line + 1
-                if key in out:
-                    problems.append(Problem(file, line, dotted((*path, key)),
-                                            f"duplicate key (first on line {lines[(*path, key)]})"))
-                    continue
-                lines[(*path, key)] = line
-                out[key] = build(value_node, (*path, key))
-            return out
-        if isinstance(node, yaml.SequenceNode):
-            items = []
-            for i, item in enumerate(node.value):
-                lines[(*path, i)] = item.start_mark.line + 1
-                items.append(build(item, (*path, i)))
-            return items
-        return loader.construct_object(node, deep=True)
-
-    return (build(root, ()) if root is not None else {}), lines
 
 
 def inner_model(annotation: Any) -> type[BaseModel] | None:

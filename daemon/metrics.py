@@ -51,7 +51,11 @@ _URLISH = re.compile(r"[:/@]")
 
 
 class StreamMetrics:
-    """The series of one stream, bound to its label once (no label lookup per frame)."""
+    """The series of one stream, bound to its label once (no label lookup per frame).
+
+    After `Metrics.remove_stream` the object stays usable and shows nowhere: a removed camera's
+    thread may still decode a frame, and the engine publish one, after a reload took it away.
+    """
 
     def __init__(self, metrics: Metrics, name: str) -> None:
         self._metrics = metrics
@@ -68,10 +72,11 @@ class StreamMetrics:
         """Packets/frames taken from the camera (before decode)."""
         self._received.inc(n)
 
-    def decoded(self) -> None:
-        """A frame came out of the decoder: also restarts the last-frame-age clock."""
+    def decoded(self, captured: float | None = None) -> None:
+        """A frame came out of the decoder, captured at `captured` (on the metrics clock; default
+        now): also restarts the last-frame-age clock from then."""
         self._decoded.inc()
-        self._metrics._frame_seen(self.name)
+        self._metrics._frame_seen(self, captured)
 
     def dropped(self, n: int = 1) -> None:
         """Frames discarded by policy: latest-wins replacement or the fps cap."""
@@ -183,9 +188,10 @@ class Metrics:
                            self.connected):
                 family.remove(name)
 
-    def _frame_seen(self, name: str) -> None:
+    def _frame_seen(self, stream: StreamMetrics, captured: float | None) -> None:
         with self._lock:
-            self._last_frame[name] = self._clock()
+            if self._streams.get(stream.name) is stream:  # removed (reload): stays removed
+                self._last_frame[stream.name] = self._clock() if captured is None else captured
 
     def last_frame_ages(self) -> dict[str, float]:
         """Stream -> seconds since its last decoded frame."""

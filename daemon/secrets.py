@@ -16,10 +16,13 @@ is remembered so `redact` can blank it wherever it shows up later: URLs, message
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
+import stat
 from pathlib import Path
+from urllib.parse import quote, unquote
 
 _REFERENCE = re.compile(r"\$\$\{|\$\{([^}]*)\}")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -28,14 +31,22 @@ MASK = "***"
 # Shorter values (a GPU id, a port) would blank half of every log line; URL userinfo is always
 # masked whatever its length.
 MIN_REDACTED_LENGTH = 4
+SHOWN_LENGTH = 64  # longer values are never quoted in an error message
+MAX_SECRET_BYTES = 64 << 10
 
-# Substituted secret values, longest first when redacting (a value may contain another).
+# Every spelling of each substituted secret value (as is, JSON- and repr-escaped, percent-encoded).
 _known_secrets: set[str] = set()
-# URL userinfo (`user:pass@`) and credential-like query parameters (`?password=...`).
-_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s?#]+@")
-_QUERY_SECRET = re.compile(
-    r"(?P<key>[?&;](?:[a-z_]*pass(?:word)?|pwd|token|secret|auth|key|sig(?:nature)?)=)[^&#\s]*",
-    re.IGNORECASE,
+# Every substituted value, however short: error messages never quote one.
+_substituted: set[str] = set()
+# URL userinfo: from `scheme://` to the last '@' before a space or a quote, so that a password
+# with a literal '@', '/', '?' or '#' is masked whole (a path with an '@' is masked too: harmless).
+_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^\s\"'<>]*@")
+# Query parameters, and the names that hold credentials in camera and cloud URLs: password,
+# passwd, pwd, pw, loginuse/loginpas, user, apikey, api_key, access_token, auth_token, token,
+# key, secret, signature, X-Amz-Credential, sessionid...
+_QUERY_PARAM = re.compile(r"(?P<key>[?&;](?P<name>[\w.-]{1,64})=)[^&#\s\"'<>]*")
+_SECRET_PARAM = re.compile(
+    r"pass|pwd|^pw$|token|secret|key|sig|auth|cred|session|^user|^usr|^login", re.IGNORECASE
 )
 
 
@@ -69,11 +80,22 @@ def _lookup(name: str) -> str:
 
 
 def _read_secret_file(path: Path, name: str) -> str:
+    """The file's text, from a regular file of at most MAX_SECRET_BYTES (`${file:/dev/zero}`
+    must not read forever, a FIFO must not block)."""
     try:
-        text = path.read_text()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise SecretError(f"${{{name}}}: {path} is not a regular file")
+            raw = f.read(MAX_SECRET_BYTES + 1)
     except OSError as exc:
         raise SecretError(f"${{{name}}}: cannot read {path}: {exc.strerror}") from None
-    return text.removesuffix("\n")
+    if len(raw) > MAX_SECRET_BYTES:
+        raise SecretError(f"${{{name}}}: {path} is larger than {MAX_SECRET_BYTES >> 10} KiB")
+    try:
+        return raw.decode().removesuffix("\n")
+    except UnicodeDecodeError:
+        raise SecretError(f"${{{name}}}: {path} is not UTF-8 text") from None
 
 
 def substitute(text: str) -> str:
@@ -92,8 +114,7 @@ def substitute(text: str) -> str:
                 errors.append(str(exc))
                 return ""
             value = default
-        if len(value) >= MIN_REDACTED_LENGTH:
-            _known_secrets.add(value)
+        _remember(value)
         return value
 
     result = _REFERENCE.sub(replace, text)
@@ -102,13 +123,46 @@ def substitute(text: str) -> str:
     return result
 
 
+def _remember(value: str) -> None:
+    _substituted.add(value)
+    if len(value) >= MIN_REDACTED_LENGTH:
+        _known_secrets.update({value, json.dumps(value)[1:-1], repr(value)[1:-1],
+                               quote(value, safe=""), quote(value)})
+
+
+def _mask_param(match: re.Match[str]) -> str:
+    return f"{match['key']}{MASK}" if _SECRET_PARAM.search(match["name"]) else match[0]
+
+
 def redact(text: str) -> str:
     """`text` safe to log: URL userinfo, credential query parameters and known secrets masked."""
     text = _USERINFO.sub(lambda m: f"{m.group('scheme')}{MASK}@", text)
-    text = _QUERY_SECRET.sub(lambda m: f"{m.group('key')}{MASK}", text)
+    text = _QUERY_PARAM.sub(_mask_param, text)
     for secret in sorted(_known_secrets, key=len, reverse=True):
         text = text.replace(secret, MASK)
     return text
+
+
+def redact_text(text: str, url: str) -> str:
+    """`text` (an exception message, say) safe to log: `redact`, plus this URL's own user and
+    password in any spelling, since FFmpeg may quote them outside a URL."""
+    if userinfo := _USERINFO.match(url):
+        user, _, password = userinfo[0][len(userinfo["scheme"]):-1].partition(":")
+        for secret in (password, user):
+            if len(secret) >= MIN_REDACTED_LENGTH:
+                for form in sorted({secret, unquote(secret), quote(unquote(secret), safe="")},
+                                   key=len, reverse=True):
+                    text = text.replace(form, MASK)
+    return redact(text)
+
+
+def shown(value: str) -> str:
+    """`value` quoted for an error message, unless it came from a `${...}` reference, holds a
+    secret, spans lines or is long (a `${file:...}` of the wrong file): then only its length."""
+    if (len(value) <= SHOWN_LENGTH and value.isprintable() and value not in _substituted
+            and not any(secret in value for secret in _known_secrets)):
+        return repr(value)
+    return f"(a value of {len(value)} characters, not shown)"
 
 
 class RedactingFormatter(logging.Formatter):

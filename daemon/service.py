@@ -2,8 +2,10 @@
 
 `run(config)` starts everything, serves until SIGTERM/SIGINT (or `stop_event`), and shuts down
 cleanly: intake stops, the batch in flight is published, sockets close. SIGHUP re-reads the config
-file and applies the difference stream by stream; the engine and the untouched streams (and
-their frame indexes) carry on as if nothing happened. Each camera has its own thread; each device
+file (on a thread of its own: the main loop keeps its heartbeats while a file is read) and
+applies the difference stream by stream; the engine and the untouched streams (and their frame
+indexes) carry on as if nothing happened. A file that cannot be used changes nothing and costs
+one log line. Each camera has its own thread; each device
 (`engine.gpus`, or the CPU) has an engine worker thread that batches, infers, postprocesses and
 publishes the frames of the streams assigned to it (new streams go to the least loaded worker);
 the main thread applies reloads and sends the per-stream heartbeats.
@@ -18,6 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -182,11 +185,16 @@ class Service:
                    for i, worker in enumerate(self.workers)]
         for thread in threads:
             thread.start()
+        loading: Future[DaemonConfig | None] | None = None
         try:
             while not stop.wait(0.05):
-                if reload is not None and reload.is_set():
-                    reload.clear()
-                    self.reload()
+                if loading is None and reload is not None and reload.is_set():
+                    reload.clear()  # a SIGHUP while a file is read: read it again after
+                    systemd.reloading()
+                    loading = _in_background(self.load)
+                if loading is not None and loading.done():
+                    self.apply(loading.result())
+                    loading = None
                 self._tick()
         finally:
             stop.set()
@@ -271,17 +279,29 @@ class Service:
 
     def reload(self) -> bool:
         """Re-read the config file and apply it; an invalid file changes nothing."""
+        systemd.reloading()
+        return self.apply(self.load())
+
+    def load(self) -> DaemonConfig | None:
+        """The config file read again, for a reload (on any thread); None when it cannot be
+        used, after one log line that says why: the running config stays."""
         if self.config_path is None:
             log.warning("reload requested but the service was started without a config path")
-            return False
-        systemd.reloading()
+            return None
         try:
-            new = self.restrict(load_config(self.config_path,
-                                            class_names=tuple(self.class_names)))
+            return self.restrict(load_config(self.config_path,
+                                             class_names=tuple(self.class_names)))
         except ConfigError as exc:
-            for problem in exc.problems:
-                log.error("reload rejected: %s", problem)
-            log.error("keeping the running config (%d streams)", len(self.streams))
+            why = "; ".join(map(str, exc.problems))
+        except Exception as exc:  # whatever it is, the cameras keep running
+            why = f"{type(exc).__name__}: {exc}"
+        log.error("reload rejected, keeping the running config (%d streams): %s",
+                  len(self.streams), why)
+        return None
+
+    def apply(self, new: DaemonConfig | None) -> bool:
+        """Make `new` (from `load`) the running config; None keeps the running one."""
+        if new is None:
             systemd.ready(f"{len(self.streams)} streams (reload rejected)")
             return False
         self._retired = [s for s in self._retired if not s.join(0)]  # finished: forget them
@@ -338,7 +358,7 @@ class Service:
                           "postprocess": postprocess_ms})
         self.publisher.publish(result)
         state.published += 1
-        self.metrics.stream(frame.stream).published()
+        state.source.metrics.published()  # the stream's own handle: a removed one stays removed
         self.metrics.observe_frame(started - frame.decoded_mono,
                                    (result.publish_ns - frame.capture_ns) / 1e9)
         if self.config.snapshot.enabled and self.snapshots.due(frame.stream):
@@ -364,7 +384,7 @@ class Service:
             state.fps_out = (state.published - state.published_at_tick) / interval
             state.published_at_tick = state.published
             if slot.dropped > state.dropped_at_tick:
-                self.metrics.stream(name).dropped(slot.dropped - state.dropped_at_tick)
+                state.source.metrics.dropped(slot.dropped - state.dropped_at_tick)
                 state.dropped_at_tick = slot.dropped
             age = stats.last_frame_age(now)
             self.publisher.status(StreamStatus(
@@ -374,6 +394,14 @@ class Service:
                 reconnects=stats.reconnects, last_frame_age_s=age, error=stats.last_error))
             self.liveness.set_stream(name, "streaming" if stats.connected else "reconnecting",
                                      error=stats.last_error)
+
+
+def _in_background(load: Callable[[], DaemonConfig | None]) -> Future[DaemonConfig | None]:
+    """`load()` on a daemon thread (one stuck reading a file never holds up the exit)."""
+    future: Future[DaemonConfig | None] = Future()
+    threading.Thread(target=lambda: future.set_result(load()), name="config-reload",
+                     daemon=True).start()
+    return future
 
 
 def run(config: DaemonConfig, *, stop_event: threading.Event | None = None,

@@ -4,6 +4,10 @@ Each source runs in its own thread, so a camera that is slow, dead or hostile on
 itself. Any failure (refused connection, wrong credentials, no video, garbage bytes, a socket that
 goes quiet, a decoder error) ends the current connection; the source logs it once, with the URL's
 credentials redacted, waits a jittered exponential backoff and connects again, until stopped.
+
+A connected camera that stops sending pictures is caught by a watchdog in FFmpeg's own interrupt
+check, not at the next packet: past `stall_timeout` without a picture any blocked read is aborted.
+`file://` sources play at their frame rate and start again from the top after the backoff.
 """
 
 from __future__ import annotations
@@ -13,71 +17,72 @@ import random
 import threading
 import time
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from urllib.parse import quote, unquote, urlsplit
 
 import torch
 from codetr_stream.daemon.decode import UnsupportedStream, make_decoder
 from codetr_stream.daemon.frames import FpsCap, Frame, FrameSlots
 from codetr_stream.daemon.metrics import StreamMetrics
-from codetr_stream.daemon.secrets import MASK, MIN_REDACTED_LENGTH, redact
+from codetr_stream.daemon.secrets import redact, redact_text
 
 log = logging.getLogger(__name__)
 
-
-def redact_text(text: str, url: str) -> str:
-    """`text` (an exception message, say) safe to log: URL userinfo and known secrets masked
-    (`secrets.redact`), plus this URL's own user and password in any spelling, since FFmpeg may
-    quote them outside a URL."""
-    parts = urlsplit(url)
-    for secret in (parts.password, parts.username):
-        if secret and len(secret) >= MIN_REDACTED_LENGTH:
-            for form in {secret, unquote(secret), quote(unquote(secret), safe="")}:
-                text = text.replace(form, MASK)
-    return redact(text)
-
-
-_thread_stop = threading.local()  # the stop event of the source running on this thread
+# The source on this thread: its `stop` event and the `timeline` of its connection (or None).
+_thread_state = threading.local()
 STOPPED_CLOCK_STEP_S = 1e9
+# A picture that comes this much later than its timestamp says, after the one before it, was held
+# back (FFmpeg's parser keeps the last packet until the next one starts: when none comes, it
+# hands it over at the read timeout, seconds late). It keeps the time its timestamp gives.
+LATE_S = 0.5
+MAX_PACE_S = 1.0  # a file's timestamps jumping further ahead than this restart its pacing
 
 
-def _stop_aware_monotonic() -> float:
-    """`time.monotonic`, except that on a stopped source's thread every call jumps far ahead.
-    PyAV's interrupt callback compares it with the clock at the start of the blocked call, so
-    FFmpeg aborts any open or read of a stopped source within its ~100 ms polling slice instead
-    of running out the camera's timeout (calls that start after the stop included)."""
+def _interruptible_monotonic() -> float:
+    """`time.monotonic`, except that on the thread of a source that is stopped, or whose stall
+    deadline has passed, every call jumps far ahead. PyAV's interrupt callback compares it with
+    the clock at the start of the blocked call, so FFmpeg aborts that open or read within its
+    ~100 ms polling slice instead of running out the camera's timeout."""
     now = time.monotonic()
-    stop = getattr(_thread_stop, "event", None)
-    if stop is None or not stop.is_set():
+    stop = getattr(_thread_state, "stop", None)
+    timeline = getattr(_thread_state, "timeline", None)
+    if not ((stop is not None and stop.is_set())
+            or (timeline is not None and now > timeline.deadline)):
         return now
-    _thread_stop.jumps = getattr(_thread_stop, "jumps", 0) + 1
-    return now + _thread_stop.jumps * STOPPED_CLOCK_STEP_S
+    _thread_state.jumps = getattr(_thread_state, "jumps", 0) + 1
+    return now + _thread_state.jumps * STOPPED_CLOCK_STEP_S
 
 
-def _make_reads_stoppable() -> None:
-    """Point PyAV's timeout clock (the `time` its interrupt callback reads) at the stop-aware
+def _make_reads_interruptible() -> None:
+    """Point PyAV's timeout clock (the `time` its interrupt callback reads) at the interruptible
     one. PyAV has no public way to interrupt a blocked call; without this (another PyAV layout)
-    a stop waits for the read or open timeout, as before."""
+    a stop or a stall waits for the read or open timeout, as before."""
     import av.container.core as core
 
     if getattr(core, "time", None) is time:
-        core.time = types.SimpleNamespace(**{**vars(time), "monotonic": _stop_aware_monotonic})
+        core.time = types.SimpleNamespace(**{**vars(time), "monotonic": _interruptible_monotonic})
 
 
 @dataclass
 class Backoff:
-    """Jittered, bounded exponential backoff: initial * factor**n, capped, times 1 +- jitter."""
+    """Jittered, bounded exponential backoff: initial, times factor after each failure up to
+    maximum, each wait times 1 +- jitter. The wait itself is carried from one failure to the
+    next (not recomputed as initial * factor**n, whose 2.0**1024 raised OverflowError and ended
+    the camera's thread after 1,024 failures in a row), so any outage and any factor stay finite.
+    """
 
     initial: float = 0.5
     maximum: float = 3.0
     factor: float = 2.0
     jitter: float = 0.2
     attempts: int = 0
+    _delay: float = field(default=0.0, init=False, repr=False)
 
     def next_delay(self) -> float:
-        delay = min(self.maximum, self.initial * self.factor ** self.attempts)
+        self._delay = (self.initial if self.attempts == 0
+                       else min(self.maximum, self._delay * self.factor))
         self.attempts += 1
-        return delay * random.uniform(1 - self.jitter, 1 + self.jitter)
+        return self._delay * random.uniform(1 - self.jitter, 1 + self.jitter)
 
     def reset(self) -> None:
         self.attempts = 0
@@ -99,6 +104,10 @@ class SourceSettings:
 
 class StreamStalled(RuntimeError):
     """Packets may arrive, but no picture was decoded for `stall_timeout` seconds."""
+
+
+class EndOfFile(ConnectionError):
+    """A file source played to its end: not a fault, it plays again after the backoff."""
 
 
 @dataclass
@@ -123,11 +132,56 @@ class SourceStats:
         return (time.monotonic() if now is None else now) - self.last_frame_mono
 
 
+class _Timeline:
+    """When the pictures of one connection were captured, and the stall deadline they set.
+
+    A picture's time is when it came out of the decoder, unless it came more than LATE_S after
+    its predecessor's time plus the step between their timestamps: then it was held back, and it
+    gets that time instead of passing for a fresh frame. A late picture does not put the stall
+    deadline off either. `pace` makes a file play at its frame rate.
+    """
+
+    def __init__(self, stall_timeout: float, frame_interval: float, now: float) -> None:
+        self.stall_timeout = stall_timeout
+        self.frame_interval = frame_interval  # for pictures without a timestamp
+        self.deadline = now + stall_timeout  # the first picture gets as long as any other
+        self._last: tuple[float, float | None] | None = None  # (time, pts) of the last picture
+        self._origin: float | None = None  # file pacing: wall time of pts 0
+        self._paced_pts = -frame_interval  # file pacing: the last picture's timestamp
+
+    def captured(self, pts: float | None, now: float) -> float:
+        """The time (monotonic) the picture with `pts`, decoded `now`, was captured."""
+        at = now
+        if self._last is not None and pts is not None and self._last[1] is not None:
+            last_at, last_pts = self._last
+            expected = last_at + (pts - last_pts)
+            if pts > last_pts and now - expected > LATE_S:
+                at = expected
+        self._last = (at, pts)
+        self.deadline = at + self.stall_timeout
+        return at
+
+    def pace(self, pts: float | None, stop: threading.Event) -> None:
+        """Wait until the picture with `pts` (None: one frame after the last) is due, counting
+        from the first one."""
+        pts = self._paced_pts + self.frame_interval if pts is None else pts
+        self._paced_pts = pts
+        now = time.monotonic()
+        if self._origin is None or not -MAX_PACE_S <= self._origin + pts - now <= MAX_PACE_S:
+            self._origin = now - pts  # the first picture, or the timestamps jumped
+        stop.wait(max(0.0, self._origin + pts - now))
+
+
 class Source:
-    """The thread that keeps one camera flowing into `slots`."""
+    """The thread that keeps one camera flowing into `slots`.
+
+    `wait(seconds)` is how it waits between connections (the stop event's wait; a test passes a
+    fake clock's to drive thousands of reconnects without sleeping).
+    """
 
     def __init__(self, settings: SourceSettings, slots: FrameSlots, device: torch.device,
-                 metrics: StreamMetrics, *, next_index: int = 0) -> None:
+                 metrics: StreamMetrics, *, next_index: int = 0,
+                 wait: Callable[[float], object] | None = None) -> None:
         self.settings = settings
         self.slots = slots
         self.metrics = metrics
@@ -135,10 +189,12 @@ class Source:
         self.next_index = next_index
         self.stats = SourceStats()
         self.safe_url = redact(settings.url)
+        self.is_file = settings.url.startswith("file:")
         self._cap = FpsCap(settings.max_fps)
         # One CUDA stream for the camera's lifetime, shared by every decoder it rebuilds.
         self._cuda_stream = torch.cuda.Stream(device=device) if device.type == "cuda" else None
         self._stop = threading.Event()
+        self._wait = wait or self._stop.wait
         self._thread = threading.Thread(target=self._run, name=f"source-{settings.name}",
                                         daemon=True)
         slots.add(settings.name)
@@ -159,12 +215,14 @@ class Source:
         return not self._thread.is_alive()
 
     def _run(self) -> None:
-        _make_reads_stoppable()
-        _thread_stop.event = self._stop
+        _make_reads_interruptible()
+        _thread_state.stop = self._stop
         backoff = self.settings.backoff
         while not self._stop.is_set():
             try:
                 self._stream_once()
+            except EndOfFile:
+                log.debug("stream %s: end of file, playing it again", self.name)
             except Exception as exc:  # every fault ends in this camera, never beyond
                 self._failed(exc)
             self.stats.connected = False
@@ -173,7 +231,7 @@ class Source:
                 break
             self.stats.reconnects += 1
             self.metrics.reconnected()
-            self._stop.wait(backoff.next_delay())
+            self._wait(backoff.next_delay())
 
     def _failed(self, exc: Exception) -> None:
         message = redact_text(f"{type(exc).__name__}: {exc}", self.settings.url)
@@ -202,47 +260,71 @@ class Source:
                 raise UnsupportedStream(f"no video stream (found {', '.join(kinds)})")
             video = container.streams.video[0]
             decoder = make_decoder(video, self.device, self._cuda_stream)
-            log.info("stream %s connected: %s %dx%d (%s)", self.name, decoder.codec,
-                     video.codec_context.width, video.codec_context.height, self.safe_url)
+            # Reconnects after a fault, and a file's replays, are not news: the fault was.
+            first = self.stats.reconnects == 0 or self.stats.last_error is not None
+            log.log(logging.INFO if first else logging.DEBUG, "stream %s connected: %s %dx%d (%s)",
+                    self.name, decoder.codec, video.codec_context.width,
+                    video.codec_context.height, self.safe_url)
             self.stats.connected = True
             self.metrics.set_connected(True)
-            connected_at = time.monotonic()
-            last_picture = connected_at
+            rate = video.average_rate or video.guessed_rate
+            timeline = _Timeline(self.settings.stall_timeout, 1 / float(rate) if rate else 0.04,
+                                 time.monotonic())
+            _thread_state.timeline = timeline  # the watchdog is on from here
+            self._read(container, video, decoder, timeline)
+        finally:
+            _thread_state.timeline = None
+            container.close()
+
+    def _read(self, container, video, decoder, timeline: _Timeline) -> None:
+        """Demux and decode until the stream ends, stalls or the source is stopped."""
+        connected_at = time.monotonic()
+        pictures = 0
+        try:
             for packet in container.demux(video):
                 if self._stop.is_set():
                     return
                 now = time.monotonic()
-                if now - last_picture > self.settings.stall_timeout:
-                    raise StreamStalled(f"no picture for {now - last_picture:.1f} s")
+                if now > timeline.deadline:
+                    raise StreamStalled(f"no picture for {self.settings.stall_timeout:.1f} s")
                 if packet.size == 0:
                     continue
                 self.stats.packets += 1
                 self.metrics.received()
                 try:
-                    pictures = decoder.decode(packet)
+                    decoded = decoder.decode(packet)
                 except Exception as exc:  # corrupt data: count it, keep the connection
                     self.stats.decode_errors += 1
                     self.metrics.decode_error()
                     log.debug("stream %s: decode error %s", self.name, exc)
                     continue
-                for picture in pictures:
-                    last_picture = time.monotonic()
-                    self._deliver(picture, last_picture)
-                if self.stats.decoded and now - connected_at > 1.0:
+                for picture in decoded:
+                    if self.is_file:
+                        timeline.pace(picture.pts, self._stop)
+                    now = time.monotonic()
+                    self._deliver(picture, timeline.captured(picture.pts, now), now)
+                    pictures += 1
+                if pictures and now - connected_at > 1.0:
                     self.settings.backoff.reset()  # a healthy connection earns a fresh backoff
-            raise ConnectionError("stream ended")
-        finally:
-            container.close()
+        except Exception:
+            if not self._stop.is_set() and time.monotonic() > timeline.deadline:
+                raise StreamStalled(  # the watchdog aborted a blocked read
+                    f"no picture for {self.settings.stall_timeout:.1f} s") from None
+            raise
+        if self.is_file:
+            raise EndOfFile("end of file")
+        raise ConnectionError("stream ended")
 
-    def _deliver(self, picture, now: float) -> None:
+    def _deliver(self, picture, captured: float, now: float) -> None:
+        """Hand over a picture captured at `captured` (monotonic), decoded `now`."""
         stats = self.stats
         if stats.last_frame_mono is not None:
-            dt = now - stats.last_frame_mono
+            dt = captured - stats.last_frame_mono
             stats.frame_interval = (0.9 * stats.frame_interval + 0.1 * dt
                                     if stats.frame_interval else dt)
-        stats.last_frame_mono = now
+        stats.last_frame_mono = captured
         stats.decoded += 1
-        self.metrics.decoded()
+        self.metrics.decoded(captured)
         if stats.last_error is not None:
             log.info("stream %s recovered", self.name)
             stats.last_error = None
@@ -252,8 +334,9 @@ class Source:
             return
         if self._stop.is_set():  # a replacement source may already own this stream's slot
             return
+        capture_ns = time.time_ns() - round((now - captured) * 1e9)
         frame = Frame(stream=self.name, index=self.next_index, pts=picture.pts,
-                      capture_ns=time.time_ns(), pixels=picture.pixels,
+                      capture_ns=capture_ns, pixels=picture.pixels,
                       pixel_format=picture.pixel_format, height=picture.height,
                       width=picture.width, decoded_mono=now)
         self.next_index += 1

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -52,6 +55,22 @@ def write_config(path: Path, engine: Path, streams: dict[str, str], *, endpoint:
               for name, url in streams.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+@contextlib.contextmanager
+def stand_in_daemon(setup: str = "") -> Iterator[subprocess.Popen]:
+    """A process whose command line says codetr-stream (what `run` and `reload` check a pid
+    file's process for), running `setup` and then waiting; it has printed 'ready' on entry."""
+    script = f"# codetr-stream stand-in\nimport signal, sys\n{setup}\nprint('ready', flush=True)\n"
+    daemon = subprocess.Popen([sys.executable, "-c", script + "signal.pause()\n"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert daemon.stdout.readline().strip() == "ready"
+        yield daemon
+    finally:
+        daemon.kill()
+        daemon.wait()
+        daemon.stdout.close()
 
 
 class DaemonThread:

@@ -103,8 +103,10 @@ class FaultyCamera:
     """A generated H.264 clip served over RTSP/TCP in this process (tests/rtsp_replay.py's
     protocol), whose `mode` can change mid-stream: `ok`; `silent` (connection open, nothing
     sent); `filler` (RTP keeps flowing but holds no picture: only the decoded-frame watchdog can
-    tell); `garbage` (random RTP payloads); `noise` (random bytes instead of RTP packets).
-    `cut()` closes every open connection halfway through a packet."""
+    tell); `garbage` (random RTP payloads); `noise` (random bytes instead of RTP packets);
+    `down` (every new connection is closed at once: a camera that is off, for a reconnect
+    storm at a fraction of a millisecond an attempt). `cut()` closes every open connection
+    halfway through a packet."""
 
     def __init__(self, size: tuple[int, int] = (320, 240), fps: int = 5) -> None:
         self.clip = encode_clip(size[0], size[1], fps, seconds=4)
@@ -133,8 +135,11 @@ class FaultyCamera:
                 conn, _ = self._sock.accept()
             except TimeoutError:
                 continue
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.connections += 1
+            if self.mode == "down":
+                conn.close()
+                continue
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             session = _FaultySession(conn, self)
             self.sessions = [s for s in self.sessions if not s.closed.is_set()] + [session]
             threading.Thread(target=session.serve, name="faulty-session", daemon=True).start()

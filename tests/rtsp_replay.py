@@ -240,7 +240,7 @@ def start(size: str = "320x240", fps: int = 5,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Replay a generated H.264 clip over RTSP/TCP.")
-    parser.add_argument("--port", type=int, default=8554)
+    parser.add_argument("--port", type=int, default=0, help="0 (default): any free port")
     parser.add_argument("--size", default="1280x720", help="WxH")
     parser.add_argument("--fps", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=10.0, help="clip length (it loops)")

@@ -117,13 +117,17 @@ def free_port() -> int:
 
 
 class RtspServer:
-    """The server process, from the caller's side: `with RtspServer(["cam1=h264"]) as srv:`."""
+    """The server process, from the caller's side: `with RtspServer(["cam1=h264"]) as srv:`.
+
+    Without a `port` the first start lets the server bind any free one (no port is guessed and
+    then raced for); it is kept, so a stopped server comes back at the same URL.
+    """
 
     def __init__(self, mounts: Sequence[str], port: int | None = None, auth: str | None = None):
         for spec in mounts:
             parse_mount(spec)
         self.mounts = list(mounts)
-        self.port = port or free_port()
+        self.port = port or 0
         self.auth = auth
         self.proc: subprocess.Popen | None = None
 
@@ -148,6 +152,7 @@ class RtspServer:
         if not line.startswith("READY"):
             self.stop()
             raise RuntimeError(f"rtsp_server did not start within {timeout} s")
+        self.port = int(line.split()[1])
         return self
 
     def stop(self) -> None:
@@ -212,7 +217,7 @@ class TcpCamera:
 
 def main(argv: Sequence[str] | None = None) -> None:  # pragma: no cover
     parser = argparse.ArgumentParser(description="Serve generated live video over RTSP.")
-    parser.add_argument("--port", type=int, default=8554)
+    parser.add_argument("--port", type=int, default=0, help="0 (default): any free port")
     parser.add_argument("--mount", action="append", required=True, help="NAME=KIND[:WxH][@FPS]")
     parser.add_argument("--auth", help="USER:PASSWORD required by every mount")
     args = parser.parse_args(argv)

@@ -144,14 +144,10 @@ def test_run_refuses_an_invalid_config(tmp_path: Path) -> None:
 
 
 def test_reload_signals_the_daemon_in_the_pid_file(tmp_path: Path) -> None:
-    # Stands in for the daemon: a process whose command line says codetr, that reports SIGHUP.
-    daemon = subprocess.Popen(
-        [sys.executable, "-c", "# codetr-stream stand-in\nimport signal, sys\n"
-         "signal.signal(signal.SIGHUP, lambda *a: (print('HUP', flush=True), sys.exit(0)))\n"
-         "print('ready', flush=True)\nsignal.pause()\n"],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert daemon.stdout.readline().strip() == "ready"
+    from daemon_helpers import stand_in_daemon
+
+    with stand_in_daemon("signal.signal(signal.SIGHUP, lambda *a: (print('HUP', flush=True), "
+                         "sys.exit(0)))") as daemon:
         (tmp_path / "daemon.pid").write_text(f"{daemon.pid}\n")
         path = write(tmp_path, "engine: {path: e}\npid_file: daemon.pid\nstreams: []\n")
         done = cli("reload", "--config", str(path))
@@ -159,8 +155,6 @@ def test_reload_signals_the_daemon_in_the_pid_file(tmp_path: Path) -> None:
         assert done.stdout.strip() == f"sent SIGHUP to codetr-stream (pid {daemon.pid})"
         assert daemon.stdout.readline().strip() == "HUP"
         assert daemon.wait(timeout=10) == 0
-    finally:
-        daemon.kill()
 
 
 def test_reload_refuses_an_invalid_config_and_stale_or_missing_pid_files(tmp_path: Path) -> None:
@@ -182,6 +176,56 @@ def test_reload_refuses_an_invalid_config_and_stale_or_missing_pid_files(tmp_pat
     no_pid = write(tmp_path, "engine: {path: e}\n", "nopid.yaml")
     done = cli("reload", "--config", str(no_pid))
     assert done.returncode == 1 and "no pid_file set" in done.stderr
+
+
+@pytest.mark.parametrize("tail, problem", [
+    (b"\xff\n", ":3: not UTF-8 text (byte 0xff) (hint: save the file as UTF-8)"),
+    (b"x: &a [1, *a]\n", ":3: a recursive alias: this value contains itself")])
+def test_run_refuses_an_unreadable_file_in_one_line(tmp_path: Path, tail: bytes,
+                                                    problem: str) -> None:
+    """`run` reads the file as check-config does: a traceback before (UnicodeDecodeError,
+    RecursionError), now the problem, its line and the refusal."""
+    path = tmp_path / "streams.yaml"
+    path.write_bytes(b"engine: {path: e}\nstreams: []\n" + tail)
+    done = cli("run", "--config", str(path))
+    assert done.returncode == 1 and done.stderr.splitlines() == [
+        f"{path}{problem}", f"{path}: 1 problem(s)", f"{path}: refusing to start"], done.stderr
+
+
+@pytest.mark.parametrize("key", ["pid_file", "publish"])
+def test_run_never_clobbers_a_file_it_does_not_own(tmp_path: Path, key: str) -> None:
+    """A pid_file or an ipc:// endpoint naming someone's file: `run` overwrote it and then
+    deleted it (ZeroMQ replaced it with a socket). Now both are refused in one line."""
+    victim = tmp_path / "notes.txt"
+    victim.write_text("precious\n")
+    setting = (f"pid_file: {victim}" if key == "pid_file"
+               else f'publish: {{endpoint: "ipc://{victim}"}}')
+    path = write(tmp_path, f"engine: {{path: e}}\n{setting}\nstreams: []\n")
+    done = cli("run", "--config", str(path))
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.splitlines() == [
+        f"{path}:2: {'pid_file' if key == 'pid_file' else 'publish.endpoint'}: {victim} exists "
+        f"and is not {'a pid file' if key == 'pid_file' else 'a socket'}; refusing to "
+        f"{'overwrite' if key == 'pid_file' else 'replace'} it: choose another path"
+        + (" (hint: `run` writes its pid here so `codetr-stream reload` can signal it)"
+           if key == "pid_file" else " (hint: ZeroMQ PUB bind address (tcp://, ipc://); "
+           "loopback unless you mean it)"),
+        f"{path}: 1 problem(s)", f"{path}: refusing to start"]
+    assert victim.read_text() == "precious\n"
+
+
+def test_run_refuses_a_pid_file_a_running_daemon_holds(tmp_path: Path) -> None:
+    from daemon_helpers import stand_in_daemon
+
+    with stand_in_daemon() as daemon:
+        (tmp_path / "daemon.pid").write_text(f"{daemon.pid}\n")
+        path = write(tmp_path, "engine: {path: e}\npid_file: daemon.pid\nstreams: []\n")
+        done = cli("run", "--config", str(path))
+        assert done.returncode == 1 and done.stderr.splitlines() == [
+            f"{path}: pid_file: {tmp_path / 'daemon.pid'}: codetr-stream is already running "
+            f"(pid {daemon.pid}); stop it, or give this one another pid_file",
+            f"{path}: refusing to start"], done.stderr
+        assert (tmp_path / "daemon.pid").read_text() == f"{daemon.pid}\n"
 
 
 @pytest.mark.slow
@@ -208,7 +252,8 @@ def test_run_writes_its_pid_file_and_reload_adds_a_stream(tmp_path: Path) -> Non
                 assert daemon.poll() is None and time.monotonic() < deadline, "no pid file"
                 time.sleep(0.1)
             assert pid_file.read_text().strip() == str(daemon.pid)
-            write(tmp_path, head + 'streams: [{name: cam9, url: "rtsp://127.0.0.1:1/none"}]\n')
+            write(tmp_path, head + "streams: [{name: cam9, url: "
+                  f'"rtsp://127.0.0.1:{free_port()}/none"}}]\n')
             done = cli("reload", "--config", str(path))
             assert done.returncode == 0, done.stderr
             heartbeat = status.receive(timeout_s=120)

@@ -202,6 +202,8 @@ def workers_of(pid: int) -> list[int]:
 
 
 def test_fetch_weights_offline_is_one_line(tmp_path: Path) -> None:
-    out = cli("fetch-weights", "--url", "http://127.0.0.1:9/model-00000000.pth", "--cache-dir",
-              str(tmp_path), "--no-progress")
-    _one_line_error(out, "cannot reach http://127.0.0.1:9/model-00000000.pth", code=1)
+    from rtsp_server import free_port
+
+    url = f"http://127.0.0.1:{free_port()}/model-00000000.pth"  # nothing listens there
+    out = cli("fetch-weights", "--url", url, "--cache-dir", str(tmp_path), "--no-progress")
+    _one_line_error(out, f"cannot reach {url}", code=1)

@@ -85,7 +85,8 @@ def test_every_problem_is_reported_with_its_line(tmp_path: Path) -> None:
     assert problems(path) == [
         (4, "batching.max_bacth", "unknown key"),
         (8, "streams[0].transport", "Input should be 'tcp' or 'udp'"),
-        (9, "streams[1].name", "'cam.2' is not a valid stream name (1-64 characters, no dots)"),
+        (9, "streams[1].name", "'cam.2' is not a valid stream name: use 1-64 letters, digits, "
+            "'_' or '-', starting with a letter or digit"),
         (11, "streams[1].min_score", "Input should be less than or equal to 1"),
         (12, "streams[2].name", "required, missing"),
         (13, "streams[3].name", "duplicate stream name 'cam1'"),
@@ -185,7 +186,7 @@ def test_redact_masks_userinfo_query_secrets_and_substituted_values(
 ) -> None:
     assert redact("rtsp://admin:pw@10.0.0.5:554/x") == "rtsp://***@10.0.0.5:554/x"
     assert redact("open rtsps://token@cam/x failed") == "open rtsps://***@cam/x failed"
-    assert redact("http://h/x?user=a&password=b&x=1") == "http://h/x?user=a&password=***&x=1"
+    assert redact("http://h/x?user=a&password=b&x=1") == "http://h/x?user=***&password=***&x=1"
     assert redact("rtsp://10.0.0.5/x") == "rtsp://10.0.0.5/x"
     assert redact("rtsp://admin:p@ss@cam:554/x") == "rtsp://***@cam:554/x"  # '@' not encoded
     monkeypatch.setenv("WEIRD_SECRET", "tr0ub4dor&3")

@@ -83,9 +83,11 @@ def run_entrypoint(*args: str, tmp: Path, **env: str) -> subprocess.CompletedPro
 
 
 def write_config(tmp: Path, body: str = "") -> Path:
+    """A config for the entrypoint: its camera a closed port, its ZeroMQ port any free one."""
     config = tmp / "streams.yaml"
     config.write_text(f"engine:\n  path: engines/tiny\n{body}"
-                      "streams:\n  - name: cam1\n    url: rtsp://127.0.0.1:8554/cam1\n")
+                      "publish:\n  endpoint: 'tcp://127.0.0.1:*'\n"
+                      f"streams:\n  - name: cam1\n    url: rtsp://127.0.0.1:{free_port()}/cam1\n")
     return config
 
 

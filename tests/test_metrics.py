@@ -78,6 +78,26 @@ def test_removed_stream_leaves_no_series() -> None:
     assert metrics.last_frame_ages().keys() == {"kept"}
 
 
+def test_a_removed_stream_stays_removed_when_its_thread_still_reports() -> None:
+    """A reload removes a camera while its thread decodes and the engine publishes its last
+    frame: the handles they hold must not bring the series back (last_frame_age_seconds of a
+    removed camera kept growing after a reload)."""
+    metrics = Metrics()
+    cam = metrics.stream("cam2")
+    cam.decoded()
+    metrics.remove_stream("cam2")
+    cam.decoded()
+    cam.received()
+    cam.published()
+    cam.set_connected(True)
+    assert "cam2" not in metrics.render().decode()
+    assert metrics.last_frame_ages() == {}
+    again = metrics.stream("cam2")  # re-added by a later reload: a fresh series
+    cam.decoded()  # the old thread's late frame does not count for the new one
+    assert again is not cam
+    assert 'frames_decoded_total{stream="cam2"} 0.0' in metrics.render().decode()
+
+
 @pytest.mark.parametrize("name", ["rtsp://admin:hunter2@10.0.0.7/stream1", "admin@cam", ""])
 def test_urls_are_refused_as_labels(name: str) -> None:
     metrics = Metrics()

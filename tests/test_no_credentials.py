@@ -10,6 +10,7 @@ import logging
 import subprocess
 import sys
 import time
+from pathlib import Path
 from urllib.parse import quote
 
 import pytest
@@ -30,8 +31,12 @@ SPECIAL_PASSWORD = "p@ss:w/rd%Z9"  # percent-encoded in the URL
 QUERY_PASSWORD = "QueryPa55w0rd"
 FILE_PASSWORD = "F1leSecret-Value"
 RELOAD_PASSWORD = "Rel0adPa55"
+# The query parameters cameras and clouds carry credentials in, each with its own value.
+PARAMS = ("loginuse", "loginpas", "passwd", "pw", "pwd", "apikey", "api_key", "access_token",
+          "auth_token", "token", "key", "secret", "signature", "X-Amz-Credential")
+PARAM_SECRETS = {name: f"Prm{i:02d}-{name[:3]}Val" for i, name in enumerate(PARAMS)}
 SECRETS = (URL_PASSWORD, ENV_PASSWORD, WRONG_PASSWORD, SPECIAL_PASSWORD, QUERY_PASSWORD,
-           FILE_PASSWORD, RELOAD_PASSWORD)
+           FILE_PASSWORD, RELOAD_PASSWORD, *PARAM_SECRETS.values())
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +62,8 @@ def test_no_password_in_logs_messages_metrics_health_or_cli(engine, tmp_path, ca
                 "filecam": faulty.url("file", f"viewer:${{file:{secret_file}}}"),
                 "special": faulty.url("special", f"admin:{quote(SPECIAL_PASSWORD, safe='')}"),
                 "query": faulty.url(f"query?user=admin&password={QUERY_PASSWORD}"),
+                "params": faulty.url("params?channel=1&" + "&".join(
+                    f"{name}={value}" for name, value in PARAM_SECRETS.items())),
                 "unreachable": f"rtsp://admin:{URL_PASSWORD}@127.0.0.1:{free_port()}/x",
                 "garbage": garbage.url().replace("rtsp://", f"rtsp://admin:{URL_PASSWORD}@"),
                 "mute": mute.url().replace("rtsp://", f"rtsp://admin:${{{ENV_NAME}}}@"),
@@ -64,7 +71,7 @@ def test_no_password_in_logs_messages_metrics_health_or_cli(engine, tmp_path, ca
             with FaultDaemon(tmp_path, engine, streams) as d:
                 rec = d.recorder
                 wait_for(lambda: all(rec.det(n) for n in ("authed", "envcam", "filecam",
-                                                          "special", "query")), 60,
+                                                          "special", "query", "params")), 60,
                          "the good cameras publishing")
                 for fault in ("silent", "garbage", "noise"):
                     faulty.mode = fault
@@ -107,5 +114,24 @@ def test_no_password_in_logs_messages_metrics_health_or_cli(engine, tmp_path, ca
     transcript["check-config"] = check.stdout + check.stderr
     # The URLs did reach the logs and heartbeats (errors quote them), masked:
     assert "rtsp://***@127.0.0.1" in transcript["log"] and "password=***" in transcript["log"]
+    assert "loginpas=***" in transcript["log"] and "access_token=***" in transcript["log"]
     assert "rtsp://***@127.0.0.1" in transcript["zmq"]
     assert_no_secrets(transcript, SECRETS)
+
+
+def test_check_config_never_prints_a_password_or_a_secret_file(tmp_path: Path) -> None:
+    """Literal passwords with '@', '/', '#' or '?' (refused: they need percent-encoding) and a
+    `${file:...}` of a file that is not meant for a name: the errors say what is wrong, quote
+    none of them. check-config printed the whole of /etc/passwd for the second."""
+    secret_file = tmp_path / "secret"
+    secret_file.write_text("line one\nFileSecretLine2\n")
+    path = tmp_path / "streams.yaml"
+    path.write_text("engine: {path: e}\nstreams:\n" + "".join(
+        f"  - {{name: c{i}, url: 'rtsp://admin:{password}@192.0.2.1/live'}}\n"
+        for i, password in enumerate(("p@ssLit1", "pa/ssLit2", "pa#ssLit3", "pa?ssLit4")))
+        + f"  - {{name: '${{file:{secret_file}}}', url: 'rtsp://192.0.2.1/x'}}\n")
+    done = subprocess.run([sys.executable, "-m", "codetr_stream.daemon.cli", "check-config",
+                           str(path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and len(done.stderr.splitlines()) == 6, done.stderr
+    for secret in ("ssLit1", "ssLit2", "ssLit3", "ssLit4", "FileSecretLine2", "line one"):
+        assert secret not in done.stdout + done.stderr, done.stderr

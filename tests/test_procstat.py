@@ -35,7 +35,10 @@ def test_sample_of_another_process_sees_its_fds_and_threads() -> None:
 
 def test_sampler_records_over_time_and_once_more_at_exit() -> None:
     with ProcessSampler(interval_s=0.02) as sampler:
-        time.sleep(0.2)
+        deadline = time.monotonic() + 30  # a wait on the samples, not on the clock: loaded CI
+        while len(sampler.samples) < 4:
+            assert time.monotonic() < deadline, "the sampler took no samples"
+            time.sleep(0.02)
     samples = sampler.samples
     assert len(samples) >= 5
     assert all(b.time_s > a.time_s for a, b in itertools.pairwise(samples))

@@ -14,10 +14,20 @@ from fault_helpers import (
     Message,
     build_small_engine,
     indexes_increase,
+    max_gap,
     wait_for,
 )
 
 REJECTED = "keeping the running config"
+ALIAS_BOMB = "".join([  # 237 bytes: 531,441 strings once expanded (6 s in the main loop before)
+    'a0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n',
+    *(f"a{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]\n" for i in range(1, 6)),
+    "x: *a5\n"]).encode()
+# Appended to a valid file, each makes it unreadable; before, the first three killed the daemon
+# with a traceback (UnicodeDecodeError, TypeError, RecursionError).
+BROKEN = {"a byte that is not UTF-8": b"\xff\n", "a list as a key": b"? [a, b]\n: 1\n",
+          "a recursive alias": b"x: &a [*a]\n", "5,000-deep nesting": b"x: " + b"[" * 5000
+          + b"]" * 5000 + b"\n", "an alias bomb": ALIAS_BOMB}
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +103,31 @@ def test_reload_changes_only_what_the_file_changes(engine, tmp_path, caplog) -> 
     assert 'stream="cam2"' not in metrics and 'stream="cam4"' in metrics
     assert set(health["streams"]) == {"cam1", "cam3", "cam4"}
     assert "stream cam2 removed" in log and "stream cam4 added" in log
+
+
+@pytest.mark.slow
+def test_an_unreadable_file_on_reload_costs_one_line_and_never_the_daemon(engine, tmp_path,
+                                                                           caplog) -> None:
+    """Each broken file is rejected with one ERROR line naming it; the daemon keeps its camera
+    and its heartbeats run on while the file is read (on its own thread)."""
+    caplog.set_level(logging.INFO)
+    with FaultyCamera() as cam, FaultDaemon(tmp_path, engine, {"cam1": cam.url()}) as d:
+        rec = d.recorder
+        wait_for(lambda: len(rec.det("cam1")) >= 2, 60, "the camera publishing")
+        valid = d.path.read_bytes()
+        started = time.monotonic()
+        for problem, tail in BROKEN.items():
+            rejected = caplog.text.count(REJECTED)
+            d.path.write_bytes(valid + tail)
+            d.reload()
+            wait_for(lambda r=rejected: caplog.text.count(REJECTED) > r
+                     or not d.daemon.thread.is_alive(), 15, f"{problem} rejected")
+            assert d.daemon.thread.is_alive(), f"{problem} killed the daemon"
+            since = time.monotonic()
+            wait_for(lambda t=since: len([m for m in rec.status("cam1") if m.arrived > t]) >= 2,
+                     10, f"heartbeats after {problem}")
+        heartbeats = [m.arrived for m in rec.status("cam1") if m.arrived > started]
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == len(BROKEN), errors
+    assert all(str(d.path) in e and REJECTED in e and "\n" not in e for e in errors), errors
+    assert max_gap(heartbeats) < 1.5, f"the main loop stopped for {max_gap(heartbeats):.1f} s"

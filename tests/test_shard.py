@@ -100,7 +100,7 @@ def test_bad_shard_settings_say_what_to_fix(index, replicas, env, message) -> No
 
 def write_config(path, names: list[str]) -> None:
     path.write_text("engine: {path: engines/tiny}\nstreams:\n" + "".join(
-        f"  - name: {n}\n    url: rtsp://127.0.0.1:8554/{n}\n" for n in names))
+        f"  - name: {n}\n    url: rtsp://192.0.2.1/{n}\n" for n in names))  # never contacted
 
 
 def test_restricted_configs_partition_the_streams(tmp_path) -> None:

@@ -115,7 +115,7 @@ def test_corrupt_cached_file_says_to_delete_it(tmp_path: Path) -> None:
     cached = tmp_path / BAD
     cached.write_bytes(PAYLOAD)
     with pytest.raises(FetchError) as info:
-        fetch("http://127.0.0.1:9/" + BAD, tmp_path, progress=False)  # never contacted
+        fetch("http://192.0.2.1/" + BAD, tmp_path, progress=False)  # never contacted
     assert str(info.value).startswith(f"{cached}: sha256 ")
     assert str(info.value).endswith("does not match the 00000000 in its name, so it is corrupt "
                                     "or not the official file; delete it and run "
@@ -129,7 +129,7 @@ def test_bad_url_or_cache_dir_is_one_clear_error(tmp_path: Path, case: str) -> N
     url, cache, text = {
         "not-a-url": ("notaurl", tmp_path, "--url notaurl: unknown url type: 'notaurl'; give a "
                                            "full https://... address"),
-        "cache-dir-is-a-file": ("http://127.0.0.1:9/" + GOOD, a_file,
+        "cache-dir-is-a-file": ("http://192.0.2.1/" + GOOD, a_file,  # never contacted
                                 f"cache dir {a_file}: cannot create it (File exists); pass "
                                 "--cache-dir DIR or set $CODETR_STREAM_CACHE"),
     }[case]
