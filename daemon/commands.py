@@ -213,14 +213,14 @@ def run_command(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"{args.config}: {exc}", file=sys.stderr)
         return 2
-    refusal = _engine_refusal(config)
-    if refusal is not None:
-        return _refuse(args.config, f"engine: {refusal}")
     # Until service.run installs its handler, a `reload` that found the pid file must not kill
     # the process (SIGHUP's default action): ignore it for that moment.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
-        with pid_file(config.pid_file):
+        with pid_file(config.pid_file):  # first: another daemon holding it is the first refusal
+            refusal = _engine_refusal(config)
+            if refusal is not None:
+                return _refuse(args.config, f"engine: {refusal}")
             return int(service.run(config, config_path=args.config, restrict=shard.restrict) or 0)
     except PidFileError as exc:
         return _refuse(args.config, f"pid_file: {exc}")

@@ -222,9 +222,9 @@ def test_run_refuses_a_pid_file_a_running_daemon_holds(tmp_path: Path) -> None:
         path = write(tmp_path, "engine: {path: e}\npid_file: daemon.pid\nstreams: []\n")
         done = cli("run", "--config", str(path))
         assert done.returncode == 1 and done.stderr.splitlines() == [
-            f"{path}: pid_file: {tmp_path / 'daemon.pid'}: codetr-stream is already running "
-            f"(pid {daemon.pid}); stop it, or give this one another pid_file",
-            f"{path}: refusing to start"], done.stderr
+            f"{path}: refusing to start: pid_file: {tmp_path / 'daemon.pid'}: codetr-stream is "
+            f"already running (pid {daemon.pid}); stop it, or give this one another pid_file"
+        ], done.stderr
         assert (tmp_path / "daemon.pid").read_text() == f"{daemon.pid}\n"
 
 
