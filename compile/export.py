@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 
 import torch
 from codetr_stream.compile.configs import CoDinoConfig
@@ -115,8 +114,3 @@ def max_abs_diff(a: tuple[Tensor, ...], b: tuple[Tensor, ...]) -> list[float]:
         else:
             diffs.append(float((x != y).sum()))
     return diffs
-
-
-def save_program(program: torch.export.ExportedProgram, path: Path) -> Path:
-    torch.export.save(program, str(path))
-    return path

@@ -28,10 +28,8 @@ class Batcher:
 
     def __init__(self, slots: FrameSlots, batch_sizes: Sequence[int], max_batch: int,
                  max_wait_ms: float) -> None:
-        sizes = sorted(set(batch_sizes))
         self.slots = slots
-        self.max_batch = min(max_batch, sizes[-1])
-        self.batch_sizes = [b for b in sizes if b <= self.max_batch] or sizes[:1]
+        self.max_batch = min(max_batch, max(batch_sizes))
         self.max_wait = max_wait_ms / 1000.0
 
     def next_batch(self, stop: threading.Event, idle_timeout: float = 0.5) -> list[Frame]:

@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-PIXEL_FORMATS = ("rgb24", "nv12")
-
 
 @dataclass(eq=False)
 class Frame:

@@ -75,8 +75,6 @@ class Publisher:
         self.endpoint: str = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self._lock = threading.Lock()
         self._seq: defaultdict[bytes, int] = defaultdict(int)
-        self.sent = 0
-        self.refused = 0
         self._closing = threading.Event()
         self._guard.start()
         self._watcher = threading.Thread(target=self._watch, name="publish-subscriptions",
@@ -142,9 +140,7 @@ class Publisher:
             try:
                 self._socket.send_multipart([topic, message.to_json()], flags=zmq.NOBLOCK)
             except zmq.Again:
-                self.refused += 1
                 return False
-            self.sent += 1
             return True
 
     def close(self) -> None:
