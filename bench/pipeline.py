@@ -59,7 +59,7 @@ def build_full_engine(out: Path, backend: str, precision: str, batch_sizes: list
     from codetr_stream.compile import build_model
     from codetr_stream.compile.configs import BUILTIN
     from codetr_stream.compile.engines import build_engine
-    from codetr_stream.daemon.detections import COCO_CLASSES
+    from codetr_stream.daemon.feed.messages import COCO_CLASSES
 
     torch.manual_seed(0)
     model = build_model("co_dino_swin_l", device="cuda")
@@ -131,16 +131,16 @@ def stage_comparison(engine, batch: int, size: str, iters: int = 30) -> dict[str
     preprocessing; raw read-back and `postprocess` per frame on the host). Numerics first; then
     wall time per batch on an idle host (the daemon runs below add the camera threads)."""
     from codetr_stream.compile.preprocess import STD_RGB
-    from codetr_stream.daemon.config import StreamConfig
-    from codetr_stream.daemon.frames import Frame
-    from codetr_stream.daemon.postprocess import (
+    from codetr_stream.daemon.config.schema import StreamConfig
+    from codetr_stream.daemon.pipeline.frames import Frame
+    from codetr_stream.daemon.pipeline.postprocess import (
         FrameFilter,
         finish,
         postprocess,
         select_batch,
         unpack,
     )
-    from codetr_stream.daemon.preprocess import Preprocessor
+    from codetr_stream.daemon.pipeline.preprocess import Preprocessor
 
     device, hw = engine.device, tuple(engine.manifest.input_hw)
     names = list(engine.manifest.class_names)
@@ -227,8 +227,8 @@ def check_numerics(engine, frame, result, stream_cfg) -> str:
     different count is reported as such, with the difference over the detections both kept.
     """
     from codetr_stream.compile.preprocess import preprocess
-    from codetr_stream.daemon.postprocess import postprocess
-    from codetr_stream.daemon.preprocess import frame_rgb
+    from codetr_stream.daemon.pipeline.postprocess import postprocess
+    from codetr_stream.daemon.pipeline.preprocess import frame_rgb
 
     image, mask, plan = preprocess(frame_rgb(frame, engine.device), engine.manifest.input_hw,
                                    fit_portrait=True)
@@ -371,7 +371,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from codetr_stream.daemon import service
-    from codetr_stream.daemon.config import load_config
+    from codetr_stream.daemon.config.schema import load_config
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

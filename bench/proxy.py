@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 import zmq
-from codetr_stream.daemon.detections import COCO_CLASSES, Detection, FrameResult
-from codetr_stream.daemon.publish import detection_topic, status_topic
+from codetr_stream.daemon.feed.messages import COCO_CLASSES, Detection, FrameResult
+from codetr_stream.daemon.feed.publish import detection_topic, status_topic
 from tqdm import tqdm
 
 STAMP = 1_000_000_000_000_000_000  # 19 digits, the width of time.time_ns() until 2286

@@ -6,10 +6,10 @@ GStreamer). Every 30-60 s (`--churn-every`) one random camera's server is killed
 on the same port a few seconds later (`--down`), so the daemon keeps tearing down and rebuilding
 demuxers, decoders (NVDEC on a GPU) and sockets. The daemon runs in this process
 (`service.run(config, stop_event=...)`) with the production defaults (snapshots, reconnect
-backoff), so the sampler sees its RSS, open fds, threads and GPU memory (daemon/procstat.py, the
-numbers of /metrics); a ZeroMQ SUB counts the detection messages of every camera per minute and
-reads the daemon's reconnect counts from its status messages; /healthz and /metrics are scraped
-every 15 s, as a Prometheus would.
+backoff), so the sampler sees its RSS, open fds, threads and GPU memory (the numbers of
+/metrics, daemon/monitoring/procstat.py); a ZeroMQ SUB counts the detection messages of every
+camera per minute and reads the daemon's reconnect counts from its status messages; /healthz and
+/metrics are scraped every 15 s, as a Prometheus would.
 
 The clock starts once every camera has published: `--warmup` seconds are left out, then
 `--minutes` are measured, with a table row per minute (`--live DIR` keeps progress.md and
@@ -54,8 +54,8 @@ import zmq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the RTSP test servers live beside the tests
 
-from codetr_stream.daemon.config import DaemonConfig, load_config  # noqa: E402
-from codetr_stream.daemon.procstat import (  # noqa: E402
+from codetr_stream.daemon.config.schema import DaemonConfig, load_config  # noqa: E402
+from codetr_stream.daemon.monitoring.procstat import (  # noqa: E402
     ProcessSample,
     ProcessSampler,
     sample_process,

@@ -24,9 +24,9 @@ from typing import NoReturn
 # then accuracy (engine -> COCO AP).
 COMMAND_MODULES = (
     "codetr_stream.compile.cli",
-    "codetr_stream.daemon.commands",
-    "codetr_stream.daemon.scaleout_commands",
-    "codetr_stream.daemon.eval_commands",
+    "codetr_stream.daemon.service_commands",
+    "codetr_stream.daemon.fleet.scaleout_commands",
+    "codetr_stream.daemon.accuracy.eval_commands",
 )
 INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
 

@@ -53,7 +53,7 @@ def build_demo_engine(out: Path) -> Path:
     import torch
     from codetr_stream.compile import build_model
     from codetr_stream.compile.engines import build_engine
-    from codetr_stream.daemon.detections import COCO_CLASSES
+    from codetr_stream.daemon.feed.messages import COCO_CLASSES
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.seconds < 0:
         parser.error(f"--seconds must be 0 (until Ctrl-C) or more, got {args.seconds:g}")
-    from codetr_stream.daemon.subscribe import subscribe
+    from codetr_stream.daemon.feed.subscribe import subscribe
 
     ports = load_test_module("rtsp_server")
     print("NOTE: the demo model is a tiny Co-DINO with RANDOM, UNTRAINED weights. Its boxes "

@@ -25,9 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from codetr_stream.daemon import fd_budget, systemd
-from codetr_stream.daemon.batcher import Batcher
-from codetr_stream.daemon.config import (
+from codetr_stream.daemon.config.schema import (
     ConfigError,
     DaemonConfig,
     ReconnectConfig,
@@ -35,15 +33,17 @@ from codetr_stream.daemon.config import (
     diff,
     load_config,
 )
-from codetr_stream.daemon.detections import FrameResult, StreamStatus
-from codetr_stream.daemon.frames import Frame, FrameSlots
-from codetr_stream.daemon.health import HealthServer, Liveness, SnapshotStore
-from codetr_stream.daemon.metrics import Metrics
-from codetr_stream.daemon.postprocess import DROP_ALL, FrameFilter, finish
-from codetr_stream.daemon.preprocess import frame_rgb
-from codetr_stream.daemon.publish import Publisher
-from codetr_stream.daemon.runner import BatchOutput, Runner
-from codetr_stream.daemon.source import Backoff, Source, SourceSettings
+from codetr_stream.daemon.feed.messages import FrameResult, StreamStatus
+from codetr_stream.daemon.feed.publish import Publisher
+from codetr_stream.daemon.monitoring.health import HealthServer, Liveness, SnapshotStore
+from codetr_stream.daemon.monitoring.metrics import Metrics
+from codetr_stream.daemon.pipeline.batcher import Batcher
+from codetr_stream.daemon.pipeline.frames import Frame, FrameSlots
+from codetr_stream.daemon.pipeline.postprocess import DROP_ALL, FrameFilter, finish
+from codetr_stream.daemon.pipeline.preprocess import frame_rgb
+from codetr_stream.daemon.pipeline.runner import BatchOutput, Runner
+from codetr_stream.daemon.pipeline.source import Backoff, Source, SourceSettings
+from codetr_stream.daemon.system import fd_budget, systemd
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ import yaml
 import zmq
 from codetr_stream.compile.engines import build_engine
 from codetr_stream.compile.preprocess import preprocess
-from codetr_stream.daemon.detections import Detection
-from codetr_stream.daemon.postprocess import postprocess
+from codetr_stream.daemon.feed.messages import Detection
+from codetr_stream.daemon.pipeline.postprocess import postprocess
 from daemon_helpers import DATA, DaemonThread, tiny_model
 from rtsp_replay import Session, encode_clip
 from rtsp_server import free_port

@@ -232,7 +232,7 @@ def test_run_refuses_a_pid_file_a_running_daemon_holds(tmp_path: Path) -> None:
 def test_run_writes_its_pid_file_and_reload_adds_a_stream(tmp_path: Path) -> None:
     """The real daemon (tiny CPU engine): `reload` reaches it through the pid file, the new
     stream's heartbeats appear, and SIGTERM exits 0 and removes the pid file."""
-    from codetr_stream.daemon.subscribe import Subscription
+    from codetr_stream.daemon.feed.subscribe import Subscription
     from daemon_helpers import build_tiny_engine
     from rtsp_server import free_port
 

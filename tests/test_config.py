@@ -9,8 +9,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from codetr_stream.daemon import secrets
-from codetr_stream.daemon.config import (
+from codetr_stream.daemon.config import secrets
+from codetr_stream.daemon.config.problems import inner_model
+from codetr_stream.daemon.config.schema import (
     ConfigError,
     DaemonConfig,
     StreamConfig,
@@ -18,9 +19,8 @@ from codetr_stream.daemon.config import (
     load_config,
     resolve_class_ids,
 )
-from codetr_stream.daemon.config_errors import inner_model
-from codetr_stream.daemon.detections import COCO_CLASSES
-from codetr_stream.daemon.secrets import RedactingFormatter, redact
+from codetr_stream.daemon.config.secrets import RedactingFormatter, redact
+from codetr_stream.daemon.feed.messages import COCO_CLASSES
 from pydantic import BaseModel
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-from codetr_stream.daemon.config import ConfigError, load_config
-from codetr_stream.daemon.config_yaml import MAX_BYTES
+from codetr_stream.daemon.config.schema import ConfigError, load_config
+from codetr_stream.daemon.config.yaml_reader import MAX_BYTES
 
 LIMIT_S = 2.0
 HEAD = "engine: {path: e}\n"

@@ -12,9 +12,9 @@ import pytest
 import torch
 import zmq
 from codetr_stream.compile.preprocess import preprocess
-from codetr_stream.daemon.batcher import pick_batch_size
-from codetr_stream.daemon.config import load_config
-from codetr_stream.daemon.postprocess import postprocess
+from codetr_stream.daemon.config.schema import load_config
+from codetr_stream.daemon.pipeline.batcher import pick_batch_size
+from codetr_stream.daemon.pipeline.postprocess import postprocess
 from daemon_helpers import INPUT_HW, DaemonThread, build_tiny_engine, tiny_model, write_config
 from rtsp_server import RtspServer, TcpCamera, free_port
 

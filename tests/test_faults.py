@@ -9,7 +9,7 @@ import logging
 import time
 
 import pytest
-from codetr_stream.daemon.config import load_config
+from codetr_stream.daemon.config.schema import load_config
 from daemon_helpers import tiny_model
 from fault_helpers import (
     ENV_NAME,

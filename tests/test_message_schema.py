@@ -9,7 +9,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-from codetr_stream.daemon.detections import SCHEMA_VERSION
+from codetr_stream.daemon.feed.messages import SCHEMA_VERSION
 from daemon_helpers import DaemonThread, build_tiny_engine, write_config
 from rtsp_server import RtspServer, TcpCamera, free_port
 from test_daemon_e2e import subscriber

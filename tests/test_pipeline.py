@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 from codetr_stream.compile.preprocess import preprocess, preprocess_batch
-from codetr_stream.daemon.batcher import Batcher, pick_batch_size
-from codetr_stream.daemon.frames import FpsCap, Frame, FrameSlots
-from codetr_stream.daemon.preprocess import Preprocessor, frame_rgb, nv12_to_rgb
-from codetr_stream.daemon.runner import Runner
+from codetr_stream.daemon.pipeline.batcher import Batcher, pick_batch_size
+from codetr_stream.daemon.pipeline.frames import FpsCap, Frame, FrameSlots
+from codetr_stream.daemon.pipeline.preprocess import Preprocessor, frame_rgb, nv12_to_rgb
+from codetr_stream.daemon.pipeline.runner import Runner
 from daemon_helpers import INPUT_HW, build_tiny_engine
 
 CPU = torch.device("cpu")

@@ -12,12 +12,12 @@ from unittest import mock
 import pytest
 import torch
 from codetr_stream.compile.preprocess import preprocess
-from codetr_stream.daemon import postprocess
-from codetr_stream.daemon.config import load_config
-from codetr_stream.daemon.frames import Frame
-from codetr_stream.daemon.postprocess import DROP_ALL, FrameFilter, select
-from codetr_stream.daemon.preprocess import Preprocessor, frame_rgb
-from codetr_stream.daemon.runner import Runner
+from codetr_stream.daemon.config.schema import load_config
+from codetr_stream.daemon.pipeline import postprocess
+from codetr_stream.daemon.pipeline.frames import Frame
+from codetr_stream.daemon.pipeline.postprocess import DROP_ALL, FrameFilter, select
+from codetr_stream.daemon.pipeline.preprocess import Preprocessor, frame_rgb
+from codetr_stream.daemon.pipeline.runner import Runner
 from daemon_helpers import DaemonThread, build_tiny_engine, write_config
 from rtsp_server import free_port
 

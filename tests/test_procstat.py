@@ -8,7 +8,12 @@ import sys
 import time
 
 import pytest
-from codetr_stream.daemon.procstat import ProcessSample, ProcessSampler, sample_process, trend
+from codetr_stream.daemon.monitoring.procstat import (
+    ProcessSample,
+    ProcessSampler,
+    sample_process,
+    trend,
+)
 
 
 def test_sample_of_another_process_sees_its_fds_and_threads() -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import zmq
-from codetr_stream.daemon.shard import owner
+from codetr_stream.daemon.fleet.shard import owner
 from daemon_helpers import build_tiny_engine, write_config
 from rtsp_server import RtspServer, free_port
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from codetr_stream.daemon.decode import CpuDecoder, NvdecDecoder
-from codetr_stream.daemon.preprocess import nv12_to_rgb
+from codetr_stream.daemon.pipeline.decode import CpuDecoder, NvdecDecoder
+from codetr_stream.daemon.pipeline.preprocess import nv12_to_rgb
 
 REPLAY = Path(__file__).parent / "rtsp_replay.py"
 

@@ -10,8 +10,8 @@ import signal
 import threading
 from pathlib import Path
 
-from codetr_stream.daemon import shard
 from codetr_stream.daemon.cli import positive_int
+from codetr_stream.daemon.fleet import shard
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def _positive(text: str) -> int:
 
 def _stream_names(path: Path) -> list[str]:
     """The enabled streams' names, validated exactly as a worker validates the file at start."""
-    from codetr_stream.daemon.config import ConfigError, load_config
+    from codetr_stream.daemon.config.schema import ConfigError, load_config
 
     try:
         return [stream.name for stream in load_config(path).enabled_streams]
@@ -103,8 +103,8 @@ def shard_command(args: argparse.Namespace) -> int:
 
 
 def proxy_command(args: argparse.Namespace) -> int:
-    from codetr_stream.daemon import curve
-    from codetr_stream.daemon.proxy import (
+    from codetr_stream.daemon.feed import curve
+    from codetr_stream.daemon.fleet.proxy import (
         DEFAULT_FRONTEND,
         PROXY_LIMITS,
         Proxy,

@@ -1,6 +1,6 @@
 """The client side of publish.py: receive detections and heartbeats as parsed JSON.
 
-    from codetr_stream.daemon.subscribe import subscribe
+    from codetr_stream.daemon.feed.subscribe import subscribe
     for message in subscribe("tcp://127.0.0.1:5555", ["cam1"]):
         print(message["frame_index"], message["detections"])
 
@@ -24,9 +24,9 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import zmq
-from codetr_stream.daemon import curve
-from codetr_stream.daemon.detections import SCHEMA_VERSION
-from codetr_stream.daemon.publish import detection_topic, status_topic
+from codetr_stream.daemon.feed import curve
+from codetr_stream.daemon.feed.messages import SCHEMA_VERSION
+from codetr_stream.daemon.feed.publish import detection_topic, status_topic
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # a detection message is a few KB
 

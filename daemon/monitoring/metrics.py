@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
+from codetr_stream.daemon.monitoring.procstat import gpu_memory, sample_process
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -30,8 +31,6 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-
-from .procstat import gpu_memory, sample_process
 
 __all__ = ["CONTENT_TYPE", "Metrics", "StreamMetrics"]
 

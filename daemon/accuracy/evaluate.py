@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from codetr_stream.daemon.coco import (
+from codetr_stream.daemon.accuracy.coco import (
     METRICS,
     DatasetError,
     GroundTruth,
@@ -37,10 +37,10 @@ from codetr_stream.daemon.coco import (
     reference_truth,
     to_results,
 )
-from codetr_stream.daemon.frames import Frame
-from codetr_stream.daemon.image_set import decoded_batches
-from codetr_stream.daemon.postprocess import FrameFilter
-from codetr_stream.daemon.runner import Runner
+from codetr_stream.daemon.accuracy.image_set import decoded_batches
+from codetr_stream.daemon.pipeline.frames import Frame
+from codetr_stream.daemon.pipeline.postprocess import FrameFilter
+from codetr_stream.daemon.pipeline.runner import Runner
 from tqdm import tqdm
 
 KEEP_ALL = FrameFilter(0.0)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from codetr_stream.daemon.cli import positive_float, positive_int
-from codetr_stream.daemon.detections import SCHEMA_VERSION
+from codetr_stream.daemon.feed.messages import SCHEMA_VERSION
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 DEFAULT_UNIT = "codetr-stream"
@@ -130,8 +130,8 @@ def _load(path: Path):
     Class allow-lists are checked against the engine's own class names when its manifest is
     there (as the daemon does on reload), else against COCO's.
     """
-    from codetr_stream.daemon.config import ConfigError, load_config
-    from codetr_stream.daemon.detections import COCO_CLASSES
+    from codetr_stream.daemon.config.schema import ConfigError, load_config
+    from codetr_stream.daemon.feed.messages import COCO_CLASSES
 
     try:
         names = _engine_class_names(load_config(path, class_names=None).engine.path)
@@ -166,7 +166,7 @@ def _engine_refusal(config: Any) -> str | None:
 def _say(text: str, *, file: Any = None) -> None:
     """print(), with anything that came from a secret masked (a path or endpoint may be a
     `${...}` reference too)."""
-    from codetr_stream.daemon.secrets import redact
+    from codetr_stream.daemon.config.secrets import redact
 
     print(redact(text), file=file or sys.stdout)
 
@@ -197,7 +197,7 @@ def check_config_command(args: argparse.Namespace) -> int:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from codetr_stream.daemon.secrets import install_log_redaction
+    from codetr_stream.daemon.config.secrets import install_log_redaction
 
     install_log_redaction()
     config = _load(args.config)
@@ -205,8 +205,8 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"{args.config}: refusing to start", file=sys.stderr)
         return 1
     from codetr_stream.daemon import service
-    from codetr_stream.daemon.pidfile import PidFileError, pid_file
-    from codetr_stream.daemon.shard import resolve_shard
+    from codetr_stream.daemon.fleet.shard import resolve_shard
+    from codetr_stream.daemon.system.pidfile import PidFileError, pid_file
 
     try:
         shard = resolve_shard(index=args.shard_index)
@@ -260,7 +260,7 @@ def reload_command(args: argparse.Namespace) -> int:
         print(f"{args.config}: no pid_file set; add `pid_file: /run/codetr-stream/pid` (or use "
               "--systemd)", file=sys.stderr)
         return 1
-    from codetr_stream.daemon.pidfile import daemon_pid
+    from codetr_stream.daemon.system.pidfile import daemon_pid
 
     try:
         pid = daemon_pid(config.pid_file)
@@ -273,8 +273,8 @@ def reload_command(args: argparse.Namespace) -> int:
 
 
 def subscribe_command(args: argparse.Namespace) -> int:
-    from codetr_stream.daemon.curve import CurveKeyError, key_argument
-    from codetr_stream.daemon.subscribe import Subscription
+    from codetr_stream.daemon.feed.curve import CurveKeyError, key_argument
+    from codetr_stream.daemon.feed.subscribe import Subscription
 
     try:
         server_key = key_argument(args.curve_server_key) if args.curve_server_key else None
@@ -313,7 +313,7 @@ def subscribe_command(args: argparse.Namespace) -> int:
 
 
 def curve_keygen_command(args: argparse.Namespace) -> int:
-    from codetr_stream.daemon.curve import write_keypair
+    from codetr_stream.daemon.feed.curve import write_keypair
 
     try:
         public, secret = write_keypair(args.out, args.name)

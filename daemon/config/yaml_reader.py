@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from codetr_stream.daemon.config_errors import KeyPath, Problem, dotted
+from codetr_stream.daemon.config.problems import KeyPath, Problem, dotted
 
 __all__ = ["MAX_BYTES", "MAX_DEPTH", "MAX_NODES", "read_yaml"]
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from codetr_stream.daemon.config import DaemonConfig
+    from codetr_stream.daemon.config.schema import DaemonConfig
 
 ENV_INDEX = "CODETR_SHARD_INDEX"
 ENV_REPLICAS = "CODETR_SHARD_REPLICAS"

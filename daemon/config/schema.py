@@ -21,16 +21,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from codetr_stream.daemon.config_errors import (
+from codetr_stream.daemon.config.problems import (
     ConfigError,
     KeyPath,
     Problem,
     dotted,
     validation_problems,
 )
-from codetr_stream.daemon.config_yaml import read_yaml
-from codetr_stream.daemon.detections import COCO_CLASSES
-from codetr_stream.daemon.secrets import SecretError, redact, shown, substitute
+from codetr_stream.daemon.config.secrets import SecretError, redact, shown, substitute
+from codetr_stream.daemon.config.yaml_reader import read_yaml
+from codetr_stream.daemon.feed.messages import COCO_CLASSES
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -115,7 +115,7 @@ class PublishConfig(_Section):
     @field_validator("curve_secret_key_file")
     @classmethod
     def _curve_key(cls, value: Path | None, info: ValidationInfo) -> Path | None:
-        return _credential_file(value, info, "codetr_stream.daemon.curve", "read_key")
+        return _credential_file(value, info, "codetr_stream.daemon.feed.curve", "read_key")
 
     @field_validator("endpoint")
     @classmethod
@@ -156,7 +156,7 @@ class HealthConfig(_Section):
     @field_validator("token_file")
     @classmethod
     def _token(cls, value: Path | None, info: ValidationInfo) -> Path | None:
-        return _credential_file(value, info, "codetr_stream.daemon.health", "read_token")
+        return _credential_file(value, info, "codetr_stream.daemon.monitoring.health", "read_token")
 
 
 class SnapshotConfig(_Section):

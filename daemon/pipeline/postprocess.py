@@ -27,11 +27,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from codetr_stream.daemon.config import RoiConfig, StreamConfig, resolve_class_ids
-from codetr_stream.daemon.detections import Detection
+from codetr_stream.daemon.config.schema import RoiConfig, StreamConfig, resolve_class_ids
+from codetr_stream.daemon.feed.messages import Detection
 
 try:
-    from codetr_stream.daemon import postprocess_kernel
+    from codetr_stream.daemon.pipeline import postprocess_kernel
 except ImportError:  # no triton: `select` per frame everywhere
     postprocess_kernel = None
 

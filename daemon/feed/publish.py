@@ -30,12 +30,12 @@ from collections import defaultdict
 from typing import TYPE_CHECKING
 
 import zmq
-from codetr_stream.daemon import curve
-from codetr_stream.daemon.detections import FrameResult, StreamStatus
-from codetr_stream.daemon.subscribers import DEFAULT_LIMITS, PeerLimits, SubscriberGuard
+from codetr_stream.daemon.feed import curve
+from codetr_stream.daemon.feed.messages import FrameResult, StreamStatus
+from codetr_stream.daemon.feed.subscribers import DEFAULT_LIMITS, PeerLimits, SubscriberGuard
 
 if TYPE_CHECKING:
-    from codetr_stream.daemon.config import PublishConfig
+    from codetr_stream.daemon.config.schema import PublishConfig
 
 TOPIC_END = "|"
 WATCH_INTERVAL_S = 0.05

@@ -21,10 +21,10 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from codetr_stream.compile.preprocess import MEAN_RGB, STD_RGB, plan_resize
-from codetr_stream.daemon.frames import Frame
+from codetr_stream.daemon.pipeline.frames import Frame
 
 try:
-    from codetr_stream.daemon import preprocess_kernel
+    from codetr_stream.daemon.pipeline import preprocess_kernel
 except ImportError:  # no triton: the torch ops everywhere
     preprocess_kernel = None
 

@@ -21,10 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from codetr_stream.daemon.decode import UnsupportedStream, make_decoder
-from codetr_stream.daemon.frames import FpsCap, Frame, FrameSlots
-from codetr_stream.daemon.metrics import StreamMetrics
-from codetr_stream.daemon.secrets import redact, redact_text
+from codetr_stream.daemon.config.secrets import redact, redact_text
+from codetr_stream.daemon.monitoring.metrics import StreamMetrics
+from codetr_stream.daemon.pipeline.decode import UnsupportedStream, make_decoder
+from codetr_stream.daemon.pipeline.frames import FpsCap, Frame, FrameSlots
 
 log = logging.getLogger(__name__)
 

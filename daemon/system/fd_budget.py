@@ -17,7 +17,7 @@ import resource
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from codetr_stream.daemon.config import DaemonConfig
+    from codetr_stream.daemon.config.schema import DaemonConfig
 
 log = logging.getLogger(__name__)
 

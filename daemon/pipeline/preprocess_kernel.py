@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 from codetr_stream.compile.preprocess import Resize
-from codetr_stream.daemon.frames import Frame
+from codetr_stream.daemon.pipeline.frames import Frame
 
 BLOCK = 1024  # output pixels per program
 INTERPRETER_BLOCK = 16384  # on CPU tensors (Triton's interpreter): fewer, larger programs

@@ -38,14 +38,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from codetr_stream.daemon.config.secrets import redact
+from codetr_stream.daemon.feed.messages import Detection
+from codetr_stream.daemon.monitoring.metrics import CONTENT_TYPE, Metrics
 from PIL import Image, ImageDraw, ImageFont
 
-from .detections import Detection
-from .metrics import CONTENT_TYPE, Metrics
-from .secrets import redact
-
 if TYPE_CHECKING:
-    from .config import HealthConfig
+    from codetr_stream.daemon.config.schema import HealthConfig
 
 __all__ = ["HealthServer", "Liveness", "SnapshotStore", "annotate", "read_token"]
 

@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from codetr_stream.daemon.secrets import redact
+from codetr_stream.daemon.config.secrets import redact
 
 SCHEMA_VERSION = 1
 

@@ -13,7 +13,7 @@ import inspect
 from dataclasses import dataclass
 from typing import Any, get_args
 
-from codetr_stream.daemon.secrets import redact
+from codetr_stream.daemon.config.secrets import redact
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 

@@ -28,8 +28,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import zmq
-from codetr_stream.daemon import curve
-from codetr_stream.daemon.subscribers import PeerLimits, SubscriberGuard
+from codetr_stream.daemon.feed import curve
+from codetr_stream.daemon.feed.subscribers import PeerLimits, SubscriberGuard
 
 log = logging.getLogger(__name__)
 

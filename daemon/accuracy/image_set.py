@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from codetr_stream.daemon.coco import DatasetError, ImageEntry
+from codetr_stream.daemon.accuracy.coco import DatasetError, ImageEntry
 from PIL import Image
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")

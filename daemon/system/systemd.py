@@ -12,7 +12,7 @@ import socket
 import time
 from collections.abc import Callable
 
-from .secrets import redact
+from codetr_stream.daemon.config.secrets import redact
 
 __all__ = [
     "WatchdogPolicy",

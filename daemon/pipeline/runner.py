@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from codetr_stream.daemon.batcher import pick_batch_size
-from codetr_stream.daemon.frames import Frame
-from codetr_stream.daemon.postprocess import FrameFilter, select_batch, unpack
-from codetr_stream.daemon.preprocess import Preprocessor
+from codetr_stream.daemon.pipeline.batcher import pick_batch_size
+from codetr_stream.daemon.pipeline.frames import Frame
+from codetr_stream.daemon.pipeline.postprocess import FrameFilter, select_batch, unpack
+from codetr_stream.daemon.pipeline.preprocess import Preprocessor
 
 
 @dataclass

@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Sequence
 
-from codetr_stream.daemon.frames import Frame, FrameSlots
+from codetr_stream.daemon.pipeline.frames import Frame, FrameSlots
 
 
 def pick_batch_size(n: int, batch_sizes: Sequence[int]) -> int:

@@ -111,7 +111,7 @@ def _fail(message: object, code: int) -> int:
 
 def eval_command(args: argparse.Namespace) -> int:
     from codetr_stream.compile.configs import ConfigError
-    from codetr_stream.daemon.coco import DatasetError
+    from codetr_stream.daemon.accuracy.coco import DatasetError
 
     try:
         import pycocotools  # noqa: F401
@@ -136,8 +136,8 @@ def eval_command(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> Any:
     """The data is checked before torch is imported, so a typo costs no engine load."""
     from codetr_stream.compile.engines.manifest import Manifest
-    from codetr_stream.daemon.coco import category_ids, load_annotations
-    from codetr_stream.daemon.image_set import check_images, scan_images
+    from codetr_stream.daemon.accuracy.coco import category_ids, load_annotations
+    from codetr_stream.daemon.accuracy.image_set import check_images, scan_images
 
     _check_args(args)
     truth = load_annotations(args.annotations) if args.annotations is not None else None
@@ -147,7 +147,7 @@ def _evaluate(args: argparse.Namespace) -> Any:
         images, source = scan_images(args.images)[:args.limit], f"--images {args.images}"
     paths = check_images(args.images, images, source)
     manifests = [Manifest.load(path) for path in args.engine]
-    from codetr_stream.daemon.accuracy import EngineDetector, eager_engine, evaluate
+    from codetr_stream.daemon.accuracy.evaluate import EngineDetector, eager_engine, evaluate
 
     device = _device(args.device)
     # Every engine is checked as loading will check it: a wrong one fails before minutes of
