@@ -213,17 +213,21 @@ def run_command(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"{args.config}: {exc}", file=sys.stderr)
         return 2
-    refusal = _engine_refusal(config)
-    if refusal is not None:
-        return _refuse(args.config, f"engine: {refusal}")
     # Until service.run installs its handler, a `reload` that found the pid file must not kill
     # the process (SIGHUP's default action): ignore it for that moment.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
+        # Another daemon on this pid file first: starting it twice is the mistake to name, even
+        # when the engine is not there yet.
         with pid_file(config.pid_file):
+            refusal = _engine_refusal(config)
+            if refusal is not None:
+                return _refuse(args.config, f"engine: {refusal}")
             return int(service.run(config, config_path=args.config, restrict=shard.restrict) or 0)
-    except PidFileError as exc:
-        return _refuse(args.config, f"pid_file: {exc}")
+    except PidFileError as exc:  # a problem of the file's pid_file, said as check-config would
+        print(f"{args.config}: pid_file: {exc}", file=sys.stderr)
+        print(f"{args.config}: refusing to start", file=sys.stderr)
+        return 1
     except _engine_errors() as exc:  # what the manifest could not tell (e.g. no TensorRT)
         return _refuse(args.config, f"engine: {exc}")
     except OSError as exc:  # a port in use, an address not on this host: the message says which
