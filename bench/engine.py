@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # engine_jobs, also under runpy
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # engine_jobs, however this is started
 # codetr_stream is imported inside the functions, never here: the build workers are spawned
 # processes, which import this module first, and a --baseline-code worker must import that
 # checkout's codetr_stream, not this one's.

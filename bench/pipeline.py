@@ -11,7 +11,7 @@ Numerics come first: the first published frame of a camera is run through the en
 and its detections must match the daemon's. `--switch-intervals` runs the daemon once per value
 of the interpreter's GIL switch interval (side by side, same engine and cameras).
 
-    # GPU machine (no GStreamer there: tests/rtsp_replay.py serves the cameras)
+    # GPU machine (no GStreamer there: daemon/demo/rtsp_replay.py serves the cameras)
     python bench/pipeline.py --build-full fp16 --backend inductor --batch-sizes 8 \
         --cameras 16 --fps 5 --seconds 15 --switch-intervals 0.005,0.001
     # CPU, tiny engine
@@ -39,14 +39,10 @@ import torch
 if TYPE_CHECKING:
     from codetr_stream.compile.engines.base import Engine
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
 def start_cameras(size: str, fps: int, seconds: float = 10.0) -> tuple[subprocess.Popen, int]:
     """The replay RTSP server (every path is a camera, each looping the same `seconds` clip);
     returns the process and its port."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    import rtsp_replay
+    from codetr_stream.daemon.demo import rtsp_replay
 
     try:
         return rtsp_replay.start(size, fps, seconds)
@@ -56,22 +52,15 @@ def start_cameras(size: str, fps: int, seconds: float = 10.0) -> tuple[subproces
 
 def build_full_engine(out: Path, backend: str, precision: str, batch_sizes: list[int]):
     """Full-size Co-DINO Swin-L at 1152x768 with seeded random weights; returns the engine."""
-    from codetr_stream.compile import build_model
-    from codetr_stream.compile.configs import BUILTIN
-    from codetr_stream.compile.engines import build_engine
+    from codetr_stream.compile.build import build_model_engine
     from codetr_stream.daemon.feed.messages import COCO_CLASSES
 
-    torch.manual_seed(0)
-    model = build_model("co_dino_swin_l", device="cuda")
-    model.class_names = list(COCO_CLASSES)
     started = time.perf_counter()
-    engine, _ = build_engine(model, out, backend=backend, precision=precision,
-                             input_hw=(768, 1152), batch_sizes=batch_sizes,
-                             config_name="co_dino_swin_l", config=BUILTIN["co_dino_swin_l"](),
-                             device="cuda", seed=0)
+    engine, _ = build_model_engine("co_dino_swin_l", out, backend=backend, precision=precision,
+                                   input_hw=(768, 1152), batch_sizes=batch_sizes, seed=0,
+                                   class_names=COCO_CLASSES, device="cuda")
     print(f"engine {backend} {precision} {batch_sizes} built in "
           f"{time.perf_counter() - started:.0f} s", flush=True)
-    del model
     return engine
 
 

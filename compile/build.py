@@ -1,14 +1,20 @@
-"""`build_model`: the one public constructor of the Co-DINO inference model."""
+"""`build_model`: the one public constructor of the Co-DINO inference model; `build_model_engine`:
+that model as an engine."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from codetr_stream.compile.checkpoint import load_checkpoint
-from codetr_stream.compile.configs import parse_config
+from codetr_stream.compile.configs import config_source, parse_config
 from codetr_stream.compile.model.codino import CoDino
+
+if TYPE_CHECKING:
+    from codetr_stream.compile.engines.base import Engine
+    from codetr_stream.compile.engines.manifest import Manifest
 
 
 def build_model(config: dict[str, Any] | str | Path, checkpoint: str | Path | None = None, *,
@@ -28,3 +34,29 @@ def build_model(config: dict[str, Any] | str | Path, checkpoint: str | Path | No
         model.class_names = load_checkpoint(model, checkpoint, assign=True)
         model.to(device)
     return model.eval().requires_grad_(False)
+
+
+def build_model_engine(config: dict[str, Any] | str | Path, out: str | Path, *,
+                       input_hw: tuple[int, int], batch_sizes: Sequence[int],
+                       checkpoint: str | Path | None = None, seed: int = 0,
+                       class_names: Sequence[str] | None = None, backend: str = "eager",
+                       precision: str = "fp32", device: torch.device | str = "cpu",
+                       **options: Any) -> tuple[Engine, Manifest]:
+    """`build_model` then `engines.build_engine`: the model of `config` with the checkpoint's
+    weights, or random ones seeded with `seed`, built on `device` as an engine in `out`.
+
+    The one way an engine is made from a config outside the `compile` command: the demo's and
+    the tests' tiny engines, the benchmarks' full-size ones, `eval --eager`'s reference.
+    `class_names` replaces the checkpoint's (random weights have none)."""
+    from codetr_stream.compile.engines import build_engine
+
+    if checkpoint is None:
+        torch.manual_seed(seed)
+    model = build_model(config, checkpoint, device=device)
+    if class_names is not None:
+        model.class_names = list(class_names)
+    name, raw = config_source(config)
+    return build_engine(model, out, backend=backend, precision=precision, input_hw=input_hw,
+                        batch_sizes=list(batch_sizes), config_name=name, config=raw,
+                        device=device, checkpoint=None if checkpoint is None else str(checkpoint),
+                        seed=seed if checkpoint is None else None, **options)

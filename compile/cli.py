@@ -1,4 +1,5 @@
-"""Offline subcommands: fetch-weights, export, compile, bench engine.
+"""Offline subcommands: fetch-weights, export, compile. (Benchmarks are scripts in bench/ of a
+source checkout: `python bench/engine.py --help`.)
 
 Each handler turns the errors a user can cause (unknown config, missing weights file, bad size,
 no GPU, no TensorRT, offline) into one line on stderr (exit code 2 for bad input, 1 for what the
@@ -16,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from codetr_stream.compile.configs import BUILTIN, ConfigError, parse_config
+from codetr_stream.compile.configs import BUILTIN, ConfigError, config_source, parse_config
 
 BACKENDS = ("eager", "inductor", "tensorrt")
 PRECISIONS = ("fp16", "fp32")
@@ -116,16 +117,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="engine directory (new, empty, or an engine to rebuild)")
     p.set_defaults(handler=_guard(_compile))
 
-    p = subparsers.add_parser("bench", help="benchmarks (from a source checkout)")
-    sub = p.add_subparsers(dest="bench", metavar="WHAT", required=True)
-    # Every argument goes to bench/engine.py: no option prefix of its own ("+"), so argparse
-    # passes --sizes etc. through instead of rejecting them.
-    q = sub.add_parser("engine", help="eager vs Inductor vs TensorRT side by side (GPU); "
-                       "`bench engine --help` shows its options",
-                       add_help=False, prefix_chars="+")
-    q.add_argument("args", nargs=argparse.REMAINDER, help="arguments of bench/engine.py")
-    q.set_defaults(handler=_guard(_bench_engine))
-
 
 def _guard(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """Known errors -> one line on stderr: exit code 2 for bad input (flags, config, size), 1
@@ -197,8 +188,6 @@ def _choose_build(args: argparse.Namespace, device: Any) -> tuple[str, str]:
 def _check_model_args(args: argparse.Namespace) -> tuple[Any, str, dict[str, Any]]:
     """(parsed config, config name, config dict) once config, size and weights file check out;
     runs before any progress bar so that a mistake is the only line printed."""
-    import json
-
     from codetr_stream.compile.export import check_input_size
 
     cfg = parse_config(args.config)
@@ -209,9 +198,7 @@ def _check_model_args(args: argparse.Namespace) -> tuple[Any, str, dict[str, Any
     if args.weights is not None and not args.weights.is_file():
         raise UsageError(f"--weights {args.weights}: no such file (fetch it with "
                          "`codetr-stream fetch-weights`, or pass --random-weights)")
-    if args.config in BUILTIN:
-        return cfg, args.config, BUILTIN[args.config]()
-    return cfg, cfg.name, json.loads(Path(args.config).read_text())
+    return (cfg, *config_source(args.config))
 
 
 def _check_out(out: Path) -> bool:
@@ -353,17 +340,3 @@ def _summary(out: Path, manifest: Any, times: dict[str, float]) -> None:
         print("  vs fp32 eager: " + ", ".join(f"{k} {v}" for k, v in numerics.items()))
     for note in manifest.notes:
         print(f"  note: {note}")
-
-
-def _bench_engine(args: argparse.Namespace) -> int:
-    import runpy
-
-    import codetr_stream.compile as package
-
-    script = Path(package.__file__).resolve().parents[1] / "bench" / "engine.py"
-    if not script.is_file():
-        raise UsageError(f"{script} not found: the benchmarks run from a source checkout "
-                         "(editable install)")
-    sys.argv = [str(script), *args.args]
-    runpy.run_path(str(script), run_name="__main__")
-    return 0

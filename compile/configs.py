@@ -139,6 +139,16 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def config_source(config: dict[str, Any] | str | Path) -> tuple[str, dict[str, Any]]:
+    """(name, the dict as written) of a built-in name, a .json path or a dict: what an engine's
+    manifest records as `config_name` and `config`."""
+    if isinstance(config, str) and config in BUILTIN:
+        return config, BUILTIN[config]()
+    if not isinstance(config, dict):
+        config = json.loads(Path(config).read_text())
+    return str(config.get("name", "custom")), config
+
+
 def parse_config(config: dict[str, Any] | str | Path) -> CoDinoConfig:
     """Turn a built-in name, a JSON file path or a parsed dict into a checked `CoDinoConfig`."""
     if isinstance(config, Path) or (isinstance(config, str) and config.endswith(".json")):

@@ -13,13 +13,13 @@ import time
 from collections import Counter
 
 import pytest
+from codetr_stream.daemon.demo.rtsp_server import free_port
 from codetr_stream.daemon.feed.messages import FrameResult
 from codetr_stream.daemon.feed.publish import Publisher
 from codetr_stream.daemon.monitoring.procstat import sample_process
 from daemon_helpers import publishing
 from fault_helpers import Recorder, wait_for
 from hostile_peers import ZmtpPeer, subscriptions
-from rtsp_server import free_port
 
 zmq = pytest.importorskip("zmq")
 from codetr_stream.daemon.feed.publish import detection_topic, status_topic  # noqa: E402

@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from codetr_stream.daemon.demo.rtsp_server import free_port
 from codetr_stream.daemon.system import systemd
-from rtsp_server import free_port
 
 
 class Receiver:

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from codetr_stream.daemon.demo.rtsp_server import RtspServer
 from codetr_stream.daemon.monitoring.metrics import Metrics
 from codetr_stream.daemon.pipeline.frames import FrameSlots
 from codetr_stream.daemon.pipeline.source import Backoff, Source, SourceSettings
 from fault_helpers import FaultyCamera, wait_for
-from rtsp_server import RtspServer
 
 CPU = torch.device("cpu")
 

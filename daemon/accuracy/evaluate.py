@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -100,21 +99,17 @@ def eager_engine(config: str, weights: Path, out: Path, *, input_hw: tuple[int, 
     """The checkpoint as an FP32 eager engine in `out` (what `compile --backend eager` builds),
     the reference the compiled engines are measured against. Built on the CPU: the engine's
     weights are portable, and the GPU then holds only the copy that runs."""
-    from codetr_stream.compile import build_model
-    from codetr_stream.compile.configs import BUILTIN, parse_config
-    from codetr_stream.compile.engines import build_engine
+    from codetr_stream.compile.build import build_model_engine
+    from codetr_stream.compile.configs import parse_config
     from codetr_stream.compile.export import check_input_size
 
     check_input_size(parse_config(config), input_hw)
-    sizes = BUILTIN[config]() if config in BUILTIN else json.loads(Path(config).read_text())
-    model = build_model(sizes, weights)
-    if not model.class_names:
+    _, manifest = build_model_engine(config, out, checkpoint=weights, input_hw=input_hw,
+                                     batch_sizes=[batch_size])
+    if not manifest.class_names:
         raise DatasetError(f"{weights}: the checkpoint names no classes (meta.dataset_meta."
                            "classes), so its labels cannot be matched to categories; pass the "
                            "official checkpoint or an engine's weights.pt")
-    build_engine(model, out, backend="eager", precision="fp32", input_hw=input_hw,
-                 batch_sizes=[batch_size], config_name=Path(config).stem, config=sizes,
-                 device="cpu", checkpoint=str(weights))
     return out
 
 

@@ -1,12 +1,11 @@
-"""A real RTSP server for the tests, demo and pipeline bench: GStreamer's gst-rtsp-server.
+"""A real RTSP server for the demo, the tests and the benchmarks: GStreamer's gst-rtsp-server.
 
 Two halves in one file. Run by the system Python (`/usr/bin/python3`, where Debian's `python3-gi`
 and `gir1.2-gst-rtsp-server-1.0` live; the project venv has no GObject bindings), the `__main__`
 half is the server process: each mount is a live GStreamer pipeline that generates and encodes
 video (x264enc/x265enc), so a camera streams for as long as the server runs, like a real one. Run
-from the tests (any Python, stdlib only), `RtspServer` starts that process, waits until it
-listens and stops it; `TcpCamera` is a fake camera that accepts connections and then sends garbage
-or nothing, for the fault tests.
+from the caller's Python (stdlib only), `RtspServer` starts that process (this file, by path: the
+system Python does not see the package), waits until it listens and stops it.
 
 Mount spec (`--mount`): `NAME=KIND[:WxH][@FPS][/PATTERN]`, KIND one of h264, hevc, audio
 (no video at all), and h264-switch (H.264 whose resolution changes every few seconds).
@@ -15,13 +14,10 @@ Mount spec (`--mount`): `NAME=KIND[:WxH][@FPS][/PATTERN]`, KIND one of h264, hev
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import random
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -169,50 +165,6 @@ class RtspServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-class TcpCamera:
-    """A misbehaving camera: accepts TCP connections, then sends random bytes or stays silent."""
-
-    def __init__(self, mode: str = "garbage"):
-        if mode not in ("garbage", "silent"):
-            raise ValueError(f"mode {mode!r}: garbage or silent")
-        self.mode = mode
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.connections = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-
-    def url(self, path: str = "cam") -> str:
-        return f"rtsp://127.0.0.1:{self.port}/{path}"
-
-    def _accept(self) -> None:
-        self.sock.settimeout(0.2)
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            self.connections += 1
-            threading.Thread(target=self._talk, args=(conn,), daemon=True).start()
-
-    def _talk(self, conn: socket.socket) -> None:
-        rng = random.Random(self.connections)
-        with conn, contextlib.suppress(OSError):
-            while not self._stop.is_set():
-                if self.mode == "garbage":
-                    conn.sendall(rng.randbytes(512))
-                time.sleep(0.05)
-
-    def __enter__(self) -> TcpCamera:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(timeout=2)
-        self.sock.close()
 
 
 def main(argv: Sequence[str] | None = None) -> None:  # pragma: no cover

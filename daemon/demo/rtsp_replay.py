@@ -4,9 +4,9 @@ GStreamer (the GPU machine has neither GStreamer nor an ffmpeg binary, only pip 
 It speaks enough RTSP for FFmpeg's client over TCP (OPTIONS, DESCRIBE, SETUP with interleaved
 RTP, PLAY, GET_PARAMETER, TEARDOWN) and sends RTP (RFC 6184, single NAL units and FU-A) paced
 in real time, every camera path its own independent session. The clip is encoded once at start
-with PyAV's libx264. Run it as a process: `python tests/rtsp_replay.py --port P --size 1280x720`
-(or `ReplayServer` / `start()` from Python); every path (rtsp://127.0.0.1:P/anything) serves the
-same clip. Prints `READY <port>` when listening.
+with PyAV's libx264. Run it as a process, `python -m codetr_stream.daemon.demo.rtsp_replay --port
+P --size 1280x720` (or `ReplayServer` / `start()` from Python); every path
+(rtsp://127.0.0.1:P/anything) serves the same clip. Prints `READY <port>` when listening.
 """
 
 from __future__ import annotations
@@ -195,8 +195,8 @@ class Session:
 
 
 class ReplayServer:
-    """This file as a server process, from the caller's side, with the surface of
-    tests/rtsp_server.RtspServer (`start`, `stop`, `url`): after the first start (port 0 picks a
+    """This module as a server process, from the caller's side, with the surface of
+    `rtsp_server.RtspServer` (`start`, `stop`, `url`): after the first start (port 0 picks a
     free one) the port stays, so a stopped camera comes back at the same URL."""
 
     def __init__(self, size: str = "320x240", fps: int = 5, port: int = 0,
@@ -208,8 +208,9 @@ class ReplayServer:
         return f"rtsp://127.0.0.1:{self.port}/{name}"
 
     def start(self) -> ReplayServer:
-        proc = subprocess.Popen([sys.executable, __file__, "--port", str(self.port), "--size",
-                                 self.size, "--fps", str(self.fps), "--seconds", str(self.seconds)],
+        proc = subprocess.Popen([sys.executable, "-m", __spec__.name, "--port", str(self.port),
+                                 "--size", self.size, "--fps", str(self.fps),
+                                 "--seconds", str(self.seconds)],
                                 stdout=subprocess.PIPE, text=True)
         line = proc.stdout.readline()
         if not line.startswith("READY"):
@@ -232,7 +233,7 @@ class ReplayServer:
 
 def start(size: str = "320x240", fps: int = 5,
           seconds: float = 10.0) -> tuple[subprocess.Popen, int]:
-    """This file as a server process on a free loopback port (every path is a camera, each
+    """This module as a server process on a free loopback port (every path is a camera, each
     looping the same `seconds` clip)."""
     server = ReplayServer(size, fps, seconds=seconds).start()
     return server.proc, server.port

@@ -1,7 +1,7 @@
 """`make demo`: the whole service on this machine in about half a minute, nothing to download.
 
-1. A local RTSP server (GStreamer's, tests/rtsp_server.py, else tests/rtsp_replay.py) streams
-   two generated cameras.
+1. A local RTSP server (GStreamer's, `rtsp_server`, else our `rtsp_replay`) streams two
+   generated cameras.
 2. A tiny Co-DINO (the real architecture, shrunk) with RANDOM weights is built into an eager
    engine: on the GPU when there is one, else on the CPU.
 3. `codetr-stream run` starts on a generated streams.yaml, exactly as an operator would run it.
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import os
 import signal
 import subprocess
@@ -27,8 +26,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-TESTS = REPO / "tests"
+from codetr_stream.daemon.demo import rtsp_replay, rtsp_server
+
 CAMERAS = {"cam1": "h264:320x240@5/ball", "cam2": "h264:352x288@5/smpte"}
 INPUT_HW = (320, 320)
 
@@ -51,29 +50,13 @@ def tiny_config() -> dict:
 
 def build_demo_engine(out: Path) -> Path:
     import torch
-    from codetr_stream.compile import build_model
-    from codetr_stream.compile.engines import build_engine
+    from codetr_stream.compile.build import build_model_engine
     from codetr_stream.daemon.feed.messages import COCO_CLASSES
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.manual_seed(0)
-    cfg = tiny_config()
-    model = build_model(cfg)
-    model.class_names = list(COCO_CLASSES)
-    build_engine(model, out, backend="eager", precision="fp32", input_hw=INPUT_HW,
-                 batch_sizes=[1, 2], config_name=cfg["name"], config=cfg, device=device, seed=0)
+    build_model_engine(tiny_config(), out, input_hw=INPUT_HW, batch_sizes=[1, 2], seed=0,
+                       class_names=COCO_CLASSES, device=device)
     return out
-
-
-def load_test_module(name: str):
-    """The RTSP servers live with the tests (a source checkout), not in the package."""
-    path = TESTS / f"{name}.py"
-    if not path.is_file():
-        sys.exit(f"demo: {path} not found; run the demo from a source checkout")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @contextlib.contextmanager
@@ -81,20 +64,18 @@ def cameras() -> Iterator[dict[str, str]]:
     """Camera name -> RTSP URL: GStreamer's RTSP server where it is installed, else one small
     replay server (PyAV only) per camera at that camera's size, so the demo needs nothing beyond
     the virtualenv and its two cameras differ either way."""
-    gst = load_test_module("rtsp_server")
-    server = gst.RtspServer([f"{n}={spec}" for n, spec in CAMERAS.items()])
+    server = rtsp_server.RtspServer([f"{n}={spec}" for n, spec in CAMERAS.items()])
     try:
         server.start()
     except (RuntimeError, FileNotFoundError, OSError) as exc:
         why = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]  # not its traceback
-        print(f"GStreamer's RTSP server is not available ({why}); using tests/rtsp_replay.py "
+        print(f"GStreamer's RTSP server is not available ({why}); using our replay server "
               "(`sudo bash .ci/system-packages` installs GStreamer on Debian)", flush=True)
         with contextlib.ExitStack() as stack:
-            replay = load_test_module("rtsp_replay")
             urls = {}
             for name, spec in CAMERAS.items():
-                mount = gst.parse_mount(f"{name}={spec}")
-                srv = replay.ReplayServer(f"{mount['width']}x{mount['height']}", mount["fps"])
+                mount = rtsp_server.parse_mount(f"{name}={spec}")
+                srv = rtsp_replay.ReplayServer(f"{mount['width']}x{mount['height']}", mount["fps"])
                 stack.callback(srv.stop)
                 urls[name] = srv.start().url(name)
             yield urls
@@ -142,7 +123,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--seconds must be 0 (until Ctrl-C) or more, got {args.seconds:g}")
     from codetr_stream.daemon.feed.subscribe import subscribe
 
-    ports = load_test_module("rtsp_server")
     print("NOTE: the demo model is a tiny Co-DINO with RANDOM, UNTRAINED weights. Its boxes "
           "and classes are meaningless; they show the pipeline working, not detection quality.")
     code = None
@@ -151,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         print("building the demo engine ...", flush=True)
         engine = build_demo_engine(tmp / "engine")
         with cameras() as urls:
-            endpoint = f"tcp://127.0.0.1:{ports.free_port()}"
-            health_port = ports.free_port()
+            endpoint = f"tcp://127.0.0.1:{rtsp_server.free_port()}"
+            health_port = rtsp_server.free_port()
             config = tmp / "streams.yaml"
             write_config(config, engine, urls, endpoint, health_port)
             print(f"RTSP cameras: {', '.join(urls.values())}")
