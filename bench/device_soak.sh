@@ -50,7 +50,7 @@ copy_code() {
   rm -rf "$state/src"
   mkdir -p "$state/src/codetr_stream" "$state/src/bench"
   cp -r compile plugin daemon "$state/src/codetr_stream/"  # the RTSP servers: daemon/demo/
-  cp bench/soak.py bench/soak_report.py "$state/src/bench/"
+  cp bench/soak.py bench/soak_report.py bench/process_trend.py "$state/src/bench/"
 }
 
 status() {

@@ -53,11 +53,8 @@ import zmq
 from codetr_stream.daemon.config.schema import DaemonConfig, load_config
 from codetr_stream.daemon.demo.rtsp_replay import ReplayServer
 from codetr_stream.daemon.demo.rtsp_server import RtspServer, free_port
-from codetr_stream.daemon.monitoring.procstat import (
-    ProcessSample,
-    ProcessSampler,
-    sample_process,
-)
+from codetr_stream.daemon.monitoring.procstat import ProcessSample, sample_process
+from process_trend import ProcessSampler
 from soak_report import Row, Run, header, judge, render, write_live
 
 PROBE_EVERY_S = 15.0

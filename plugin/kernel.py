@@ -7,7 +7,7 @@ conversion and an FMA (the compute floor, bench/msda_notes.md); on top comes the
 query's row. `msda_fwd_kernel` gives a row to 2 lanes, each loading 16-byte pieces (D=32 float16:
 16 channels a lane): a warp load reads whole 32-byte sectors of 16 rows, the L1's full rate, and
 the per-point work is done twice per row instead of 4 times as in a [queries, head dim] tile
-(v3, plugin/kernel_baselines.py). Small calls use 4 lanes a row to have threads for all SMs.
+(v3, bench/msda_baselines.py). Small calls use 4 lanes a row to have threads for all SMs.
 
 Sampling follows `grid_sample(align_corners=False, padding_mode="zeros")`: pixel x = loc * W - 0.5,
 corners outside the map contribute zero. Pixel coordinates are exact: float32 for 16-bit

@@ -1,10 +1,11 @@
-"""MSDA kernels kept as the benchmark's baselines (bench/msda.py), not used by the op.
+"""MSDA kernels kept as the benchmark's baselines (bench/msda.py), not shipped: the op does not
+use them.
 
 `msda_fwd_kernel_v3` is the op's previous kernel (v3 in bench/msda_notes.md): one program = a
 block of queries of one (batch, head) as a [queries, head dim] tile, so 4 lanes share a query's
 row and each repeats the per-point coordinate work. `msda_fwd_kernel_per_output` is the classic
 im2col design (one lane per output element). Same sampling convention and argument order as
-plugin/kernel.py.
+plugin/kernel.py (the kernel signatures are alike for that reason).
 """
 
 from __future__ import annotations
