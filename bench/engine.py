@@ -318,8 +318,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def make_jobs(args: argparse.Namespace) -> list[Job]:
     """Every (variant, size, batch) engine; prebuilt engines stand for the baseline variant;
     --baseline-code adds that code's engines, --probe a feature probe per variant."""
-    from codetr_stream.compile.configs import parse_config
     from codetr_stream.compile.export import check_input_size
+    from codetr_stream.compile.model_config import parse_config
 
     cfg = parse_config(args.config)
     prebuilt = dict(e.split("=", 1) for e in args.engine)

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pipeline import (
+from pipeline_throughput import (
     GpuSampler,
     add_bench_args,
     engine_throughput,
@@ -127,7 +127,7 @@ def run_setup(setup: Setup, engine_dir: Path, names: list[str], port: int,
     """Start the workers and the proxy, receive through it, stop everything; fills `setup`."""
     import zmq
     from codetr_stream.daemon.demo.rtsp_server import free_port
-    from proxy import cpu_seconds
+    from proxy_throughput import cpu_seconds
     from workers import CLI, Worker, subscriber
 
     workers = []

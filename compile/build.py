@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from codetr_stream.compile.checkpoint import load_checkpoint
-from codetr_stream.compile.configs import config_source, parse_config
 from codetr_stream.compile.model.codino import CoDino
+from codetr_stream.compile.model_config import config_source, parse_config
 
 if TYPE_CHECKING:
     from codetr_stream.compile.engines.base import Engine

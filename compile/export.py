@@ -12,7 +12,7 @@ import logging
 import math
 
 import torch
-from codetr_stream.compile.configs import CoDinoConfig
+from codetr_stream.compile.model_config import CoDinoConfig
 from torch import Tensor, nn
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ from typing import NoReturn
 # Offline side first (checkpoint -> engine), then the service side (engine -> detections),
 # then accuracy (engine -> COCO AP).
 COMMAND_MODULES = (
-    "codetr_stream.compile.cli",
+    "codetr_stream.compile.build_commands",
     "codetr_stream.daemon.service_commands",
     "codetr_stream.daemon.fleet.scaleout_commands",
     "codetr_stream.daemon.accuracy.eval_commands",

@@ -15,7 +15,7 @@ locations (loc * W fits float32's 24 bits), float64 for float32 locations (a flo
 lose ~1e-5 of the fraction at x ~ 300).
 
 Kernel arguments follow TensorRT's AOT plugin convention: input pointers, then int32 scalars,
-then the output pointer (plugin/tensorrt.py launches the same compiled kernel).
+then the output pointer (plugin/tensorrt_plugin.py launches the same compiled kernel).
 """
 
 from __future__ import annotations

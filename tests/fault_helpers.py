@@ -25,7 +25,7 @@ from urllib.parse import quote
 import torch
 import yaml
 import zmq
-from codetr_stream.compile.preprocess import preprocess
+from codetr_stream.compile.model_inputs import preprocess
 from codetr_stream.daemon.demo.rtsp_replay import Session, encode_clip
 from codetr_stream.daemon.demo.rtsp_server import free_port
 from codetr_stream.daemon.feed.messages import Detection

@@ -11,7 +11,7 @@ from collections import defaultdict
 import pytest
 import torch
 import zmq
-from codetr_stream.compile.preprocess import preprocess
+from codetr_stream.compile.model_inputs import preprocess
 from codetr_stream.daemon.config.schema import load_config
 from codetr_stream.daemon.demo.rtsp_server import RtspServer, free_port
 from codetr_stream.daemon.pipeline.batcher import pick_batch_size

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 from codetr_stream.compile import build_model
-from codetr_stream.compile.configs import parse_config
 from codetr_stream.compile.export import (
     SizeError,
     check_input_size,
@@ -17,6 +16,7 @@ from codetr_stream.compile.export import (
     level_tokens,
     size_multiple,
 )
+from codetr_stream.compile.model_config import parse_config
 
 
 def test_full_model_size_rules() -> None:

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import torch
 from codetr_stream.compile import build_model
-from codetr_stream.compile.configs import parse_config
+from codetr_stream.compile.model_config import parse_config
 
 
 def test_importing_the_package_does_not_import_torch() -> None:
-    code = ("import sys, codetr_stream.compile, codetr_stream.compile.configs; "
+    code = ("import sys, codetr_stream.compile, codetr_stream.compile.model_config; "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

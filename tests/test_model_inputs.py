@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from codetr_stream.compile import build_model
-from codetr_stream.compile.configs import ConfigError
+from codetr_stream.compile.model_config import ConfigError
 
 
 @pytest.fixture(scope="module")

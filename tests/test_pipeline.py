@@ -9,7 +9,7 @@ import av
 import numpy as np
 import pytest
 import torch
-from codetr_stream.compile.preprocess import preprocess, preprocess_batch
+from codetr_stream.compile.model_inputs import preprocess, preprocess_batch
 from codetr_stream.daemon.pipeline.batcher import Batcher, pick_batch_size
 from codetr_stream.daemon.pipeline.frames import FpsCap, Frame, FrameSlots
 from codetr_stream.daemon.pipeline.preprocess import Preprocessor, frame_rgb, nv12_to_rgb
@@ -131,7 +131,7 @@ def mixed_batch() -> list[Frame]:
 
 
 def test_preprocessor_writes_the_reference_preprocessing_into_the_buffer() -> None:
-    """Batched by size, and bit for bit the per-frame reference (`compile.preprocess`)."""
+    """Batched by size, and bit for bit the per-frame reference (`compile.model_inputs`)."""
     frames = mixed_batch()
     images = torch.full((8, 3, *INPUT_HW), 7.0)
     masks = torch.ones((8, *INPUT_HW), dtype=torch.bool)

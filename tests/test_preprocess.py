@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from codetr_stream.compile.preprocess import (
+from codetr_stream.compile.model_inputs import (
     MEAN_RGB,
     STD_RGB,
     boxes_to_frame,

@@ -8,10 +8,10 @@ reference from BEFORE the last refinement (model_facts.md section 8), so it is r
 from __future__ import annotations
 
 import torch
-from codetr_stream.compile.configs import TransformerConfig
 from codetr_stream.compile.model.deformable import MultiScaleDeformableAttention
 from codetr_stream.compile.model.ffn import FFN
 from codetr_stream.compile.model.position import box_sine_embedding
+from codetr_stream.compile.model_config import TransformerConfig
 from torch import Tensor, nn
 
 

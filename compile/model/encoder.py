@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-from codetr_stream.compile.configs import TransformerConfig
 from codetr_stream.compile.model.deformable import MultiScaleDeformableAttention
 from codetr_stream.compile.model.ffn import FFN
+from codetr_stream.compile.model_config import TransformerConfig
 from torch import Tensor, nn
 
 

@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from codetr_stream.compile.cli import UsageError
-from codetr_stream.compile.cli import _size as size_arg
+from codetr_stream.compile.build_commands import UsageError
+from codetr_stream.compile.build_commands import _size as size_arg
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -110,7 +110,7 @@ def _fail(message: object, code: int) -> int:
 
 
 def eval_command(args: argparse.Namespace) -> int:
-    from codetr_stream.compile.configs import ConfigError
+    from codetr_stream.compile.model_config import ConfigError
     from codetr_stream.daemon.accuracy.coco import DatasetError
 
     try:

@@ -100,8 +100,8 @@ def eager_engine(config: str, weights: Path, out: Path, *, input_hw: tuple[int, 
     the reference the compiled engines are measured against. Built on the CPU: the engine's
     weights are portable, and the GPU then holds only the copy that runs."""
     from codetr_stream.compile.build import build_model_engine
-    from codetr_stream.compile.configs import parse_config
     from codetr_stream.compile.export import check_input_size
+    from codetr_stream.compile.model_config import parse_config
 
     check_input_size(parse_config(config), input_hw)
     _, manifest = build_model_engine(config, out, checkpoint=weights, input_hw=input_hw,

@@ -34,7 +34,7 @@ INPUT_HW = (320, 320)
 
 def tiny_config() -> dict:
     """The built-in Co-DINO Swin-L config with every size shrunk (same module tree)."""
-    from codetr_stream.compile.configs import BUILTIN
+    from codetr_stream.compile.model_config import BUILTIN
 
     cfg = BUILTIN["co_dino_swin_l"]()
     cfg["name"] = "co_dino_demo_tiny"

@@ -55,7 +55,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--backend-curve-server-key", metavar="KEY|FILE",
                    help="the workers' CURVE public key: connect to them over CURVE")
     # Off by default: the counter sees a copy of every message, which measured 2-3x the proxy's
-    # own CPU per message (bench/proxy.py); the workers' /metrics count published frames anyway.
+    # own CPU per message (bench/proxy_throughput.py); the workers' /metrics count published
+    # frames anyway.
     p.add_argument("--stats-interval", type=float, default=0.0, metavar="S",
                    help="log the message rate every S seconds (default 0: off)")
     p.set_defaults(handler=proxy_command)

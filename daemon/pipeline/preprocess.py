@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from codetr_stream.compile.preprocess import MEAN_RGB, STD_RGB, plan_resize
+from codetr_stream.compile.model_inputs import MEAN_RGB, STD_RGB, plan_resize
 from codetr_stream.daemon.pipeline.frames import Frame
 
 try:
@@ -60,7 +60,7 @@ Rows = slice | torch.Tensor
 class _SizeGroup:
     """The kernels for frames of one size and format written into rows `rows` of the buffer.
 
-    The same ops as `compile.preprocess.preprocess`, in the same memory layout (channels last,
+    The same ops as `compile.model_inputs.preprocess`, in the same memory layout (channels last,
     as a permuted HWC frame), so the same kernels run and the numbers are the reference's.
     """
 

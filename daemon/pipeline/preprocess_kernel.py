@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
-from codetr_stream.compile.preprocess import Resize
+from codetr_stream.compile.model_inputs import Resize
 from codetr_stream.daemon.pipeline.frames import Frame
 
 BLOCK = 1024  # output pixels per program

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from codetr_stream.compile.configs import BUILTIN, ConfigError, config_source, parse_config
+from codetr_stream.compile.model_config import BUILTIN, ConfigError, config_source, parse_config
 
 BACKENDS = ("eager", "inductor", "tensorrt")
 PRECISIONS = ("fp16", "fp32")

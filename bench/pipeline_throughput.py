@@ -12,10 +12,10 @@ and its detections must match the daemon's. `--switch-intervals` runs the daemon
 of the interpreter's GIL switch interval (side by side, same engine and cameras).
 
     # GPU machine (no GStreamer there: daemon/demo/rtsp_replay.py serves the cameras)
-    python bench/pipeline.py --build-full fp16 --backend inductor --batch-sizes 8 \
+    python bench/pipeline_throughput.py --build-full fp16 --backend inductor --batch-sizes 8 \
         --cameras 16 --fps 5 --seconds 15 --switch-intervals 0.005,0.001
     # CPU, tiny engine
-    python bench/pipeline.py --engine ENGINE --cameras 2 --size 320x240 --seconds 20
+    python bench/pipeline_throughput.py --engine ENGINE --cameras 2 --size 320x240 --seconds 20
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def stage_comparison(engine, batch: int, size: str, iters: int = 30) -> dict[str
     postprocessing, the fused kernels side by side with the torch ops they replaced (torch-op
     preprocessing; raw read-back and `postprocess` per frame on the host). Numerics first; then
     wall time per batch on an idle host (the daemon runs below add the camera threads)."""
-    from codetr_stream.compile.preprocess import STD_RGB
+    from codetr_stream.compile.model_inputs import STD_RGB
     from codetr_stream.daemon.config.schema import StreamConfig
     from codetr_stream.daemon.pipeline.frames import Frame
     from codetr_stream.daemon.pipeline.postprocess import (
@@ -215,7 +215,7 @@ def check_numerics(engine, frame, result, stream_cfg) -> str:
     in FP16 a score within a rounding step of `min_score` can land on either side, so a
     different count is reported as such, with the difference over the detections both kept.
     """
-    from codetr_stream.compile.preprocess import preprocess
+    from codetr_stream.compile.model_inputs import preprocess
     from codetr_stream.daemon.pipeline.postprocess import postprocess
     from codetr_stream.daemon.pipeline.preprocess import frame_rgb
 
@@ -405,7 +405,7 @@ def main() -> int:
         "engine standalone": f"{standalone:.1f} frames/s (batch {largest})",
         **stages,
     }
-    command = "python bench/pipeline.py " + " ".join(sys.argv[1:])
+    command = "python bench/pipeline_throughput.py " + " ".join(sys.argv[1:])
     columns = list(runs)
     text = (f"Date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC. Command: `{command}`\n\n"
             + "".join(f"- {k}: {v}\n" for k, v in common.items()) + "\n"

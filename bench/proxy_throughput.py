@@ -13,7 +13,7 @@ and the proxy process's CPU time per message (from /proc), whose inverse is the 
 proxy can forward: the capacity figure, which the shared small machine's noise does not distort
 the way the Python endpoints' throughput is distorted. CPU only: no GPU is involved.
 
-    .venv/bin/python bench/proxy.py --seconds 4 --workers 1 2 --rates 5000 20000
+    .venv/bin/python bench/proxy_throughput.py --seconds 4 --workers 1 2 --rates 5000 20000
 """
 
 from __future__ import annotations
