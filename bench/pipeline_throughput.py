@@ -360,7 +360,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from codetr_stream.daemon import service
-    from codetr_stream.daemon.config.schema import load_config
+    from codetr_stream.daemon.config.load import load_config
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

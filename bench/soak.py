@@ -50,7 +50,8 @@ from pathlib import Path
 
 import numpy as np
 import zmq
-from codetr_stream.daemon.config.schema import DaemonConfig, load_config
+from codetr_stream.daemon.config.load import load_config
+from codetr_stream.daemon.config.schema import DaemonConfig
 from codetr_stream.daemon.demo.rtsp_replay import ReplayServer
 from codetr_stream.daemon.demo.rtsp_server import RtspServer, free_port
 from codetr_stream.daemon.monitoring.procstat import ProcessSample, sample_process

@@ -10,16 +10,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 from codetr_stream.compile.checkpoint import load_checkpoint
 from codetr_stream.compile.model.codino import CoDino
-from codetr_stream.compile.model_config import config_source, parse_config
+from codetr_stream.compile.model_config import CoDinoConfig, parse_config
 
 if TYPE_CHECKING:
     from codetr_stream.compile.engines.base import Engine
     from codetr_stream.compile.engines.manifest import Manifest
 
 
-def build_model(config: dict[str, Any] | str | Path, checkpoint: str | Path | None = None, *,
+def build_model(config: CoDinoConfig | dict[str, Any] | str | Path,
+                checkpoint: str | Path | None = None, *,
                 device: torch.device | str | None = None) -> CoDino:
-    """Build Co-DINO from a config dict, a .json path or a built-in name ("co_dino_swin_l"), in
+    """Build Co-DINO from a config (parsed, a dict, a .json path or a built-in name), in
     eval mode. With a checkpoint (mmdet .pth) the weights and class names are loaded; without one
     the weights are random (PyTorch default init). `device="meta"` builds without memory.
     Inference only: no parameter requires grad, so callers cannot leak autograd memory."""
@@ -36,7 +37,7 @@ def build_model(config: dict[str, Any] | str | Path, checkpoint: str | Path | No
     return model.eval().requires_grad_(False)
 
 
-def build_model_engine(config: dict[str, Any] | str | Path, out: str | Path, *,
+def build_model_engine(config: CoDinoConfig | dict[str, Any] | str | Path, out: str | Path, *,
                        input_hw: tuple[int, int], batch_sizes: Sequence[int],
                        checkpoint: str | Path | None = None, seed: int = 0,
                        class_names: Sequence[str] | None = None, backend: str = "eager",
@@ -50,13 +51,13 @@ def build_model_engine(config: dict[str, Any] | str | Path, out: str | Path, *,
     `class_names` replaces the checkpoint's (random weights have none)."""
     from codetr_stream.compile.engines import build_engine
 
+    cfg = parse_config(config)
     if checkpoint is None:
         torch.manual_seed(seed)
-    model = build_model(config, checkpoint, device=device)
+    model = build_model(cfg, checkpoint, device=device)
     if class_names is not None:
         model.class_names = list(class_names)
-    name, raw = config_source(config)
     return build_engine(model, out, backend=backend, precision=precision, input_hw=input_hw,
-                        batch_sizes=list(batch_sizes), config_name=name, config=raw,
+                        batch_sizes=list(batch_sizes), config_name=cfg.name, config=cfg.to_dict(),
                         device=device, checkpoint=None if checkpoint is None else str(checkpoint),
                         seed=seed if checkpoint is None else None, **options)

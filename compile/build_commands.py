@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from codetr_stream.compile.model_config import BUILTIN, ConfigError, config_source, parse_config
+from codetr_stream.compile.model_config import BUILTIN, ConfigError, parse_config
 
 BACKENDS = ("eager", "inductor", "tensorrt")
 PRECISIONS = ("fp16", "fp32")
@@ -198,7 +198,7 @@ def _check_model_args(args: argparse.Namespace) -> tuple[Any, str, dict[str, Any
     if args.weights is not None and not args.weights.is_file():
         raise UsageError(f"--weights {args.weights}: no such file (fetch it with "
                          "`codetr-stream fetch-weights`, or pass --random-weights)")
-    return (cfg, *config_source(args.config))
+    return cfg, cfg.name, cfg.to_dict()
 
 
 def _check_out(out: Path) -> bool:

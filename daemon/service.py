@@ -25,14 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from codetr_stream.daemon.config.schema import (
-    ConfigError,
-    DaemonConfig,
-    ReconnectConfig,
-    StreamConfig,
-    diff,
-    load_config,
-)
+from codetr_stream.daemon.config.load import ConfigError, diff, load_config
+from codetr_stream.daemon.config.schema import DaemonConfig, ReconnectConfig, StreamConfig
 from codetr_stream.daemon.feed.messages import FrameResult, StreamStatus
 from codetr_stream.daemon.feed.publish import Publisher
 from codetr_stream.daemon.monitoring.health import HealthServer, Liveness, SnapshotStore

@@ -130,7 +130,7 @@ def _load(path: Path):
     Class allow-lists are checked against the engine's own class names when its manifest is
     there (as the daemon does on reload), else against COCO's.
     """
-    from codetr_stream.daemon.config.schema import ConfigError, load_config
+    from codetr_stream.daemon.config.load import ConfigError, load_config
     from codetr_stream.daemon.feed.messages import COCO_CLASSES
 
     try:

@@ -18,7 +18,7 @@ import torch
 from codetr_stream.compile import build_model
 from codetr_stream.compile.build import build_model_engine
 from codetr_stream.daemon import service
-from codetr_stream.daemon.config.schema import load_config
+from codetr_stream.daemon.config.load import load_config
 
 DATA = Path(__file__).parent / "data"
 INPUT_HW = (256, 320)  # small: CI has 2 cores for everything

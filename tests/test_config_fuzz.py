@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from codetr_stream.daemon.config.schema import ConfigError, load_config
+from codetr_stream.daemon.config.load import ConfigError, load_config
 from codetr_stream.daemon.config.yaml_reader import MAX_BYTES
 
 LIMIT_S = 2.0

@@ -12,7 +12,7 @@ import pytest
 import torch
 import zmq
 from codetr_stream.compile.model_inputs import preprocess
-from codetr_stream.daemon.config.schema import load_config
+from codetr_stream.daemon.config.load import load_config
 from codetr_stream.daemon.demo.rtsp_server import RtspServer, free_port
 from codetr_stream.daemon.pipeline.batcher import pick_batch_size
 from codetr_stream.daemon.pipeline.postprocess import postprocess

@@ -9,7 +9,7 @@ import logging
 import time
 
 import pytest
-from codetr_stream.daemon.config.schema import load_config
+from codetr_stream.daemon.config.load import load_config
 from codetr_stream.daemon.demo.rtsp_server import RtspServer
 from daemon_helpers import tiny_model
 from fault_helpers import (

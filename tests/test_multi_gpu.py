@@ -10,7 +10,7 @@ from collections import defaultdict
 import pytest
 import torch
 from codetr_stream.daemon import service
-from codetr_stream.daemon.config.schema import load_config
+from codetr_stream.daemon.config.load import load_config
 from codetr_stream.daemon.demo.rtsp_server import free_port
 from daemon_helpers import tiny_model
 from fault_helpers import (

@@ -11,7 +11,7 @@ from unittest import mock
 import pytest
 import torch
 from codetr_stream.compile.model_inputs import preprocess
-from codetr_stream.daemon.config.schema import load_config
+from codetr_stream.daemon.config.load import load_config
 from codetr_stream.daemon.demo.rtsp_server import free_port
 from codetr_stream.daemon.pipeline import postprocess
 from codetr_stream.daemon.pipeline.frames import Frame

@@ -104,7 +104,7 @@ def write_config(path, names: list[str]) -> None:
 
 
 def test_restricted_configs_partition_the_streams(tmp_path) -> None:
-    from codetr_stream.daemon.config.schema import load_config
+    from codetr_stream.daemon.config.load import load_config
 
     write_config(tmp_path / "streams.yaml", NAMES[:60])
     config = load_config(tmp_path / "streams.yaml")

@@ -40,8 +40,9 @@ class DecoderLayer(nn.Module):
         super().__init__()
         d = cfg.embed_dims
         self.attentions = nn.ModuleList([
-            SelfAttention(d, cfg.self_attn_heads),
-            MultiScaleDeformableAttention(d, cfg.msda_heads, cfg.num_levels, cfg.msda_points),
+            SelfAttention(d, cfg.decoder_self_attn_heads),
+            MultiScaleDeformableAttention(d, cfg.msda_heads, cfg.num_feature_levels,
+                                          cfg.msda_points),
         ])
         self.ffns = nn.ModuleList([FFN(d, cfg.ffn_channels, nn.ReLU)])
         self.norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(3))

@@ -20,7 +20,7 @@ class CoDinoTransformer(nn.Module):
         super().__init__()
         d = cfg.embed_dims
         self.num_query = num_query
-        self.level_embeds = nn.Parameter(torch.empty(cfg.num_levels, d))
+        self.level_embeds = nn.Parameter(torch.empty(cfg.num_feature_levels, d))
         self.encoder = DeformableEncoder(cfg)
         self.decoder = CoDinoDecoder(cfg)
         self.enc_output = nn.Linear(d, d)

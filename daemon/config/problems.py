@@ -1,4 +1,5 @@
-"""Config problems an operator can act on: `file:line: field: message (hint)`.
+"""Config problems an operator can act on: `file:line: field: message (hint)`, the lines of a
+`ConfigError` (compile.config_error) raised for streams.yaml.
 
 Pydantic reports locations as key paths; the YAML reader (config_yaml) keeps the line of every
 key and list item, and this module maps each validation error back to it, with a hint: the key
@@ -33,14 +34,6 @@ class Problem:
         message = redact(self.message)  # hints are schema text, never a value
         what = f"{self.field}: {message}" if self.field else message
         return f"{where}: {what}" + (f" (hint: {self.hint})" if self.hint else "")
-
-
-class ConfigError(Exception):
-    """Every problem found in a config file; str() is one `file:line: field: message` per line."""
-
-    def __init__(self, problems: list[Problem]) -> None:
-        self.problems = tuple(problems)
-        super().__init__("\n".join(map(str, self.problems)))
 
 
 def dotted(path: KeyPath) -> str:

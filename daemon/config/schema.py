@@ -1,60 +1,36 @@
-"""streams.yaml: the daemon's whole configuration, validated once into frozen, typed objects.
+"""streams.yaml's schema: the daemon's whole configuration as frozen, typed pydantic sections.
 
 Every section forbids unknown keys, so a typo fails loudly instead of silently falling back to a
-default. `load_config` reports every problem at once, each with its file, line, field path and a
-hint (the field's own documentation, or the key you probably meant), because an operator fixing a
-camera list at 3 a.m. should not have to iterate one error at a time. Reload builds a new object
-and `diff` says what changed; nothing here is mutated at runtime.
+default, and every field carries its documentation, which `load.load_config` shows as the hint of
+a problem. Nothing here is mutated at runtime: a reload validates a new object.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib
-import logging
 import re
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from codetr_stream.daemon.config.problems import (
-    ConfigError,
-    KeyPath,
-    Problem,
-    dotted,
-    validation_problems,
-)
-from codetr_stream.daemon.config.secrets import SecretError, redact, shown, substitute
-from codetr_stream.daemon.config.yaml_reader import read_yaml
-from codetr_stream.daemon.feed.messages import COCO_CLASSES
+from codetr_stream.daemon.config.secrets import redact, shown
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
-__all__ = [
-    "ConfigDiff", "ConfigError", "DaemonConfig", "Problem", "StreamConfig",
-    "diff", "load_config", "redact", "resolve_class_ids",
-]  # fmt: skip
-
-log = logging.getLogger(__name__)
-
 STREAM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 STREAM_NAME_RULE = "use 1-64 letters, digits, '_' or '-', starting with a letter or digit"
 SOURCE_SCHEMES = ("rtsp", "rtsps", "file")
 PUBLISH_SCHEMES = ("tcp", "ipc", "inproc")
-SECRET_HINT = ("export the variable, or provide a systemd credential (LoadCredential=) or Docker "
-               "secret file of that name")
-MAX_PROBLEMS = 50  # reported of one file; a broken file can hold thousands
 # Upper bounds on times: beyond an hour a value is a typo, and Event.wait() raises OverflowError
 # past ~9e9 s (`.inf` and `.nan` are refused for every number).
 MAX_SECONDS = 3600.0
@@ -325,7 +301,7 @@ class DaemonConfig(_Section):
     @field_validator("streams")
     @classmethod
     def _unique_names(cls, streams: tuple[StreamConfig, ...]) -> tuple[StreamConfig, ...]:
-        if dupes := _duplicates([s.name for s in streams]):
+        if dupes := duplicate_names([s.name for s in streams]):
             raise ValueError(f"duplicate stream names: {', '.join(shown(d[0]) for d in dupes)}")
         return streams
 
@@ -365,7 +341,7 @@ def _foreign_file(path: Path, is_kind: Callable[[int], bool], kind: str) -> str 
     return None
 
 
-def _duplicates(names: list[Any]) -> list[tuple[str, int, int]]:
+def duplicate_names(names: list[Any]) -> list[tuple[str, int, int]]:
     """(name, first index, repeated index) for each repeated string name."""
     first: dict[str, int] = {}
     out = []
@@ -415,115 +391,3 @@ def _credential_file(value: Path | None, info: ValidationInfo, module: str,
     path = Path(base) / value if base is not None else value
     getattr(importlib.import_module(module), reader)(path)
     return path
-
-
-# ---- loading: YAML with line numbers -> substitution -> validation -> ConfigError ----
-
-
-def _substitute_all(data: Any, path: KeyPath, file: str, lines: dict[KeyPath, int],
-                    problems: list[Problem]) -> Any:
-    if isinstance(data, dict):
-        return {k: _substitute_all(v, (*path, k), file, lines, problems) for k, v in data.items()}
-    if isinstance(data, list):
-        return [_substitute_all(v, (*path, i), file, lines, problems) for i, v in enumerate(data)]
-    if isinstance(data, str):
-        try:
-            return substitute(data)
-        except SecretError as exc:
-            problems.append(Problem(file, lines.get(path), dotted(path), str(exc), SECRET_HINT))
-    return data
-
-
-def load_config(
-    path: str | Path, *, class_names: tuple[str, ...] | None = COCO_CLASSES
-) -> DaemonConfig:
-    """Read, substitute and validate a streams.yaml; raises ConfigError listing every problem.
-
-    `class_names` checks stream class allow-lists (COCO by default; pass the engine manifest's
-    names once it is loaded, or None to skip the check). Nothing else is raised: whatever goes
-    wrong reading a file is a problem in that file.
-    """
-    file = str(path)
-    try:
-        config, problems = _load(Path(path), file, class_names)
-    except Exception as exc:  # a bug here must not kill a daemon on reload: say where it was
-        log.debug("reading %s failed", file, exc_info=True)
-        config, problems = None, [Problem(file, None, "", f"cannot be read ({type(exc).__name__}"
-                                          "); please report this with the file")]
-    if problems:
-        problems.sort(key=lambda p: (p.line or 0, p.field))
-        if len(problems) > MAX_PROBLEMS:
-            more = len(problems) - MAX_PROBLEMS
-            problems[MAX_PROBLEMS:] = [Problem(file, None, "", f"{more} more problems not shown")]
-        raise ConfigError(problems)
-    return config
-
-
-def _load(path: Path, file: str,
-          class_names: tuple[str, ...] | None) -> tuple[DaemonConfig | None, list[Problem]]:
-    problems: list[Problem] = []
-    data, lines = read_yaml(path, file, problems)
-    if problems:
-        return None, problems
-    if not isinstance(data, dict):
-        return None, [Problem(file, 1, "", "the file must be a mapping of sections",
-                              "start with `engine:` and `streams:`; see streams.yaml")]
-    data = _substitute_all(data, (), file, lines, problems)
-    raw_streams = data.get("streams") if isinstance(data.get("streams"), list) else []
-    names = [entry.get("name") if isinstance(entry, dict) else None for entry in raw_streams]
-    for name, first, index in _duplicates(names):  # here too, so they come with every other problem
-        line = lines.get(("streams", index, "name"))
-        problems.append(Problem(file, line, f"streams[{index}].name",
-                                f"duplicate stream name {shown(name)}",
-                                f"used by streams[{first}]"))
-    reported = {p.field for p in problems}
-    context = {"base_dir": path.resolve().parent,
-               "class_names": tuple(class_names) if class_names else None}
-    try:
-        return DaemonConfig.model_validate(data, context=context), problems
-    except ValidationError as exc:
-        found = validation_problems(exc, DaemonConfig, file, lines)
-        problems += [p for p in found if p.field not in reported
-                     and not (p.field == "streams" and p.message.startswith("duplicate"))]
-    return None, problems
-
-
-# ---- reload ----
-
-
-@dataclass(frozen=True)
-class ConfigDiff:
-    """What a reload changes. Streams are compared by name over the *enabled* ones, so turning a
-    stream off shows up as removed. `changed` holds the new versions; `reconnect` names the changed
-    streams whose source (url, transport) differs, the others only changed filters or fps.
-    `restart_required` names non-stream sections that differ: they take effect at restart only.
-    """
-
-    added: tuple[StreamConfig, ...]
-    removed: tuple[StreamConfig, ...]
-    changed: tuple[StreamConfig, ...]
-    reconnect: tuple[str, ...]
-    restart_required: tuple[str, ...]
-
-    @property
-    def empty(self) -> bool:
-        return not (self.added or self.removed or self.changed or self.restart_required)
-
-
-def diff(old: DaemonConfig, new: DaemonConfig) -> ConfigDiff:
-    before = {s.name: s for s in old.enabled_streams}
-    after = {s.name: s for s in new.enabled_streams}
-    changed = tuple(s for name, s in after.items() if name in before and before[name] != s)
-    return ConfigDiff(
-        added=tuple(s for name, s in after.items() if name not in before),
-        removed=tuple(s for name, s in before.items() if name not in after),
-        changed=changed,
-        reconnect=tuple(
-            s.name for s in changed
-            if (s.url, s.transport) != (before[s.name].url, before[s.name].transport)
-        ),
-        restart_required=tuple(
-            name for name in DaemonConfig.model_fields
-            if name != "streams" and getattr(old, name) != getattr(new, name)
-        ),
-    )  # fmt: skip

@@ -71,7 +71,7 @@ def _positive(text: str) -> int:
 
 def _stream_names(path: Path) -> list[str]:
     """The enabled streams' names, validated exactly as a worker validates the file at start."""
-    from codetr_stream.daemon.config.schema import ConfigError, load_config
+    from codetr_stream.daemon.config.load import ConfigError, load_config
 
     try:
         return [stream.name for stream in load_config(path).enabled_streams]
