@@ -66,18 +66,21 @@ class FrameSlots:
             self._waiting_since.pop(stream, None)
             self._stats.pop(stream, None)
 
-    def put(self, frame: Frame) -> None:
+    def put(self, frame: Frame) -> bool:
+        """Leave `frame` in its stream's slot; True when it replaced an unread one (a drop)."""
         with self._cond:
             stats = self._stats.get(frame.stream)
             if stats is None:  # the stream was removed while this frame was decoding
-                return
+                return False
             stats.put += 1
-            if frame.stream in self._frames:
+            replaced = frame.stream in self._frames
+            if replaced:
                 stats.dropped += 1
             else:
                 self._waiting_since[frame.stream] = frame.decoded_mono
             self._frames[frame.stream] = frame
             self._cond.notify_all()
+            return replaced
 
     def streams(self) -> list[str]:
         with self._cond:

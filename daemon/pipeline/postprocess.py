@@ -116,8 +116,8 @@ class FrameFilter:
     class_ids: frozenset[int] | None = None
 
     @staticmethod
-    @functools.lru_cache(maxsize=256)
     def of(stream_cfg: StreamConfig, class_names: tuple[str, ...]) -> FrameFilter:
+        """The stream's threshold and allow-list (names resolved to the engine's ids)."""
         classes = stream_cfg.classes
         return FrameFilter(stream_cfg.min_score, None if classes is None
                            else resolve_class_ids(tuple(classes), class_names))

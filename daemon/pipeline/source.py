@@ -340,4 +340,5 @@ class Source:
                       pixel_format=picture.pixel_format, height=picture.height,
                       width=picture.width, decoded_mono=now)
         self.next_index += 1
-        self.slots.put(frame)
+        if self.slots.put(frame):  # an unread frame replaced: latest wins
+            self.metrics.dropped()
