@@ -53,7 +53,7 @@ def start_cameras(size: str, fps: int, seconds: float = 10.0) -> tuple[subproces
 def build_full_engine(out: Path, backend: str, precision: str, batch_sizes: list[int]):
     """Full-size Co-DINO Swin-L at 1152x768 with seeded random weights; returns the engine."""
     from codetr_stream.compile.build import build_model_engine
-    from codetr_stream.daemon.feed.messages import COCO_CLASSES
+    from codetr_stream.compile.coco_classes import COCO_CLASSES
 
     started = time.perf_counter()
     engine, _ = build_model_engine("co_dino_swin_l", out, backend=backend, precision=precision,

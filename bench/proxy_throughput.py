@@ -32,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 import zmq
-from codetr_stream.daemon.feed.messages import COCO_CLASSES, Detection, FrameResult
+from codetr_stream.compile.coco_classes import COCO_CLASSES
+from codetr_stream.daemon.feed.messages import Detection, FrameResult
 from codetr_stream.daemon.feed.publish import detection_topic, status_topic
 from tqdm import tqdm
 

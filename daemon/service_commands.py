@@ -112,16 +112,15 @@ def _endpoint(text: str) -> str:
         "ipc:///path")
 
 
-def _engine_class_names(engine_dir: Path) -> tuple[str, ...] | None:
-    """The class names in the engine's manifest, if it is already built and readable."""
+def _engine_class_names(engine_dir: Path) -> tuple[str, ...]:
+    """The class names in the engine's manifest if it is built and readable, else COCO's."""
+    from codetr_stream.compile.coco_classes import COCO_CLASSES
+    from codetr_stream.compile.engines.manifest import Manifest, ManifestError
+
     try:
-        from codetr_stream.compile.engines.manifest import Manifest, ManifestError
-    except ImportError:  # a daemon-only install
-        return None
-    try:
-        return tuple(Manifest.load(engine_dir).class_names) or None
+        return tuple(Manifest.load(engine_dir).class_names) or COCO_CLASSES
     except ManifestError:  # not built yet: fine for a check, `run` refuses it
-        return None
+        return COCO_CLASSES
 
 
 def _load(path: Path):
@@ -131,14 +130,9 @@ def _load(path: Path):
     there (as the daemon does on reload), else against COCO's.
     """
     from codetr_stream.daemon.config.load import ConfigError, load_config
-    from codetr_stream.daemon.feed.messages import COCO_CLASSES
 
     try:
-        names = _engine_class_names(load_config(path, class_names=None).engine.path)
-    except ConfigError:
-        names = None  # the full report below says why
-    try:
-        return load_config(path, class_names=names or COCO_CLASSES)
+        return load_config(path, class_names=_engine_class_names)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         print(f"{path}: {len(exc.problems)} problem(s)", file=sys.stderr)

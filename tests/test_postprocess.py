@@ -7,8 +7,8 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
+from codetr_stream.compile.coco_classes import COCO_CLASSES
 from codetr_stream.daemon.config.schema import StreamConfig
-from codetr_stream.daemon.feed.messages import COCO_CLASSES
 from codetr_stream.daemon.pipeline import postprocess as postprocess_module
 from codetr_stream.daemon.pipeline.postprocess import (
     IOU_THRESHOLD,

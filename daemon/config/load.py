@@ -10,16 +10,17 @@ list at 3 a.m. should not have to iterate one error at a time. Reload builds a n
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from codetr_stream.compile.coco_classes import COCO_CLASSES
 from codetr_stream.compile.config_error import ConfigError
 from codetr_stream.daemon.config.problems import KeyPath, Problem, dotted, validation_problems
 from codetr_stream.daemon.config.schema import DaemonConfig, StreamConfig, duplicate_names
 from codetr_stream.daemon.config.secrets import SecretError, shown, substitute
 from codetr_stream.daemon.config.yaml_reader import read_yaml
-from codetr_stream.daemon.feed.messages import COCO_CLASSES
 from pydantic import ValidationError
 
 __all__ = ["ConfigDiff", "ConfigError", "diff", "load_config"]
@@ -45,14 +46,16 @@ def _substitute_all(data: Any, path: KeyPath, file: str, lines: dict[KeyPath, in
     return data
 
 
-def load_config(
-    path: str | Path, *, class_names: tuple[str, ...] | None = COCO_CLASSES
-) -> DaemonConfig:
+ClassNames = tuple[str, ...] | Callable[[Path], tuple[str, ...] | None] | None
+
+
+def load_config(path: str | Path, *, class_names: ClassNames = COCO_CLASSES) -> DaemonConfig:
     """Read, substitute and validate a streams.yaml; raises ConfigError listing every problem.
 
     `class_names` checks stream class allow-lists (COCO by default; pass the engine manifest's
-    names once it is loaded, or None to skip the check). Nothing else is raised: whatever goes
-    wrong reading a file is a problem in that file.
+    names once it is loaded, None to skip the check, or a function of the file's engine path
+    that returns them). Nothing else is raised: whatever goes wrong reading a file is a problem
+    in that file.
     """
     file = str(path)
     try:
@@ -71,7 +74,7 @@ def load_config(
 
 
 def _load(path: Path, file: str,
-          class_names: tuple[str, ...] | None) -> tuple[DaemonConfig | None, list[Problem]]:
+          class_names: ClassNames) -> tuple[DaemonConfig | None, list[Problem]]:
     problems: list[Problem] = []
     data, lines = read_yaml(path, file, problems)
     if problems:
@@ -89,8 +92,12 @@ def _load(path: Path, file: str,
                                 f"duplicate stream name {shown(name)}",
                                 f"used by streams[{first}]"))
     reported = {p.field for p in problems}
-    context = {"base_dir": path.resolve().parent,
-               "class_names": tuple(class_names) if class_names else None}
+    base_dir = path.resolve().parent
+    if callable(class_names):  # the engine's names: its path as the engine section resolves it
+        engine = data.get("engine")
+        engine_path = engine.get("path") if isinstance(engine, dict) else None
+        class_names = class_names(base_dir / engine_path) if isinstance(engine_path, str) else None
+    context = {"base_dir": base_dir, "class_names": tuple(class_names) if class_names else None}
     try:
         return DaemonConfig.model_validate(data, context=context), problems
     except ValidationError as exc:

@@ -51,7 +51,7 @@ def tiny_config() -> dict:
 def build_demo_engine(out: Path) -> Path:
     import torch
     from codetr_stream.compile.build import build_model_engine
-    from codetr_stream.daemon.feed.messages import COCO_CLASSES
+    from codetr_stream.compile.coco_classes import COCO_CLASSES
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     build_model_engine(tiny_config(), out, input_hw=INPUT_HW, batch_sizes=[1, 2], seed=0,
