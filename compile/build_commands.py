@@ -17,10 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from codetr_stream.compile.engines.manifest import BACKENDS, PRECISIONS
 from codetr_stream.compile.model_config import BUILTIN, ConfigError, parse_config
-
-BACKENDS = ("eager", "inductor", "tensorrt")
-PRECISIONS = ("fp16", "fp32")
 
 
 class UsageError(ValueError):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import subprocess
 import sys
 import threading
@@ -25,8 +24,7 @@ INPUT_HW = (256, 320)  # small: CI has 2 cores for everything
 
 
 def tiny_model() -> torch.nn.Module:
-    config = json.loads((DATA / "tiny_config.json").read_text())
-    return build_model(config, DATA / "tiny_codino.pth")
+    return build_model(DATA / "tiny_config.json", DATA / "tiny_codino.pth")
 
 
 def build_tiny_engine(out: Path, batch_sizes: tuple[int, ...] = (1, 2, 4), *,

@@ -1,7 +1,7 @@
 """From the engine's top-K to published detections: threshold, NMS, filters, original pixels.
 
 Two steps. `select` keeps the detections a stream wants and maps them to frame pixels: score
-threshold and class allow-list, the official test-time NMS (model_facts.md §8: class-aware hard NMS
+threshold and class allow-list, the official test-time NMS (docs/model.md §8: class-aware hard NMS
 with IoU 0.8 over the score-thresholded top-K, as the reference inferencer does with
 `torchvision.ops.batched_nms`), then boxes divided by the resize scale and clamped to the frame.
 `finish` runs on the host: the ROI filter, rounding, and `Detection` objects.
@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from codetr_stream.compile.boxes import box_iou
 from codetr_stream.daemon.config.schema import RoiConfig, StreamConfig, resolve_class_ids
 from codetr_stream.daemon.feed.messages import Detection
 
@@ -38,16 +39,6 @@ except ImportError:  # no triton: `select` per frame everywhere
 IOU_THRESHOLD = 0.8
 # Anchors are pulled this far inside the frame so a full-frame ROI keeps boxes touching its edge.
 _EDGE = 1e-6
-
-
-def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Pairwise IoU of xyxy boxes (N, 4) x (M, 4) -> (N, M), torchvision's formula."""
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    top_left = torch.max(a[:, None, :2], b[None, :, :2])
-    bottom_right = torch.min(a[:, None, 2:], b[None, :, 2:])
-    inter = (bottom_right - top_left).clamp(min=0).prod(dim=2)
-    return inter / (area_a[:, None] + area_b[None, :] - inter)
 
 
 @functools.cache
