@@ -98,8 +98,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "compile", help="build an engine directory from a checkpoint",
         description="Build an engine directory (weights or compiled program, manifest.json) "
         "for `codetr-stream run`.\n\nDefaults follow the device: on a GPU Inductor FP16 (the "
-        "production engine), on a CPU eager FP32 (the CPU path; FP16 needs a GPU, and Inductor "
-        "on a CPU took 300-575 s to build the tiny test model where eager takes about 15 s).")
+        "production engine), on a CPU eager FP32 (the CPU path: FP16 needs a GPU, and Inductor "
+        "on a CPU builds for minutes for no gain: measured in the README's Quick start).")
     _add_model_args(p)
     p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="default: fp16 on a GPU, fp32 on the CPU")

@@ -1,6 +1,6 @@
 """Frames in, network input out, and boxes back to frame pixels: the reference test pipeline.
 
-Follows shared/spec/model_facts.md section 1: keep-ratio resize with mmcv's rule (long edge to
+Follows the reference (docs/model.md §1): keep-ratio resize with mmcv's rule (long edge to
 1152, short edge to 768, whichever is tighter), bilinear, rounded back to uint8 as cv2 does; pad
 bottom/right with pixel 0 in raw space (so padding becomes -mean/std); normalise RGB; all-zero
 mask. Plain tensor ops on the frame's device, so the daemon runs the same code on the GPU.

@@ -1,4 +1,4 @@
-"""Preprocessing follows the reference pipeline (model_facts.md section 1)."""
+"""Preprocessing follows the reference pipeline (docs/model.md §1)."""
 
 from __future__ import annotations
 

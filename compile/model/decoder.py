@@ -2,7 +2,7 @@
 
 Each layer's positional query is recomputed from its current reference box; after each layer
 (the last included) `reg_branches[k]` refines the reference in sigmoid space. The head needs the
-reference from BEFORE the last refinement (model_facts.md section 8), so it is returned too.
+reference from BEFORE the last refinement (docs/model.md §8), so it is returned too.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Top-k detections from the last decoder layer: the seam where an exported engine ends.
 
-No NMS: Co-DINO's network output is the top-K over queries x classes (model_facts.md section 8).
+No NMS: Co-DINO's network output is the top-K over queries x classes (docs/model.md §8).
 """
 
 from __future__ import annotations
