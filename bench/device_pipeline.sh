@@ -25,7 +25,7 @@ timeout 150 python3 -m pytest -p no:cacheprovider -m gpu -q -rA --durations=10 \
   tests/test_source_gpu.py tests/test_pipeline_gpu.py tests/test_preprocess.py \
   tests/test_postprocess.py 2>&1 | tee "$out/pytest.log"
 tests=${PIPESTATUS[0]}
-timeout 420 python3 bench/pipeline.py --build-full fp16 --backend inductor --batch-sizes 8 \
+timeout 420 python3 bench/pipeline_throughput.py --build-full fp16 --backend inductor --batch-sizes 8 \
   --cameras 16 --fps 5 --seconds 12 --warmup 4 --switch-intervals 0.005,0.001 \
   --out "$out/pipeline.md" 2>&1 | grep -v " INFO " | tee "$out/bench.log"
 bench=${PIPESTATUS[0]}

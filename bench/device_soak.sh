@@ -48,10 +48,9 @@ detach() {  # $1 build|soak, then the command: runs in a new session with $1.{lo
 
 copy_code() {
   rm -rf "$state/src"
-  mkdir -p "$state/src/codetr_stream" "$state/src/bench" "$state/src/tests"
-  cp -r compile plugin daemon "$state/src/codetr_stream/"
-  cp bench/soak.py bench/soak_report.py "$state/src/bench/"
-  cp tests/rtsp_replay.py tests/rtsp_server.py "$state/src/tests/"
+  mkdir -p "$state/src/codetr_stream" "$state/src/bench"
+  cp -r compile plugin daemon "$state/src/codetr_stream/"  # the RTSP servers: daemon/demo/
+  cp bench/soak.py bench/soak_report.py bench/process_trend.py "$state/src/bench/"
 }
 
 status() {

@@ -10,7 +10,7 @@ parallel worker processes and timed one at a time (bench/engine_jobs.py); then t
 times the eager rows. A variant is '+'-joined engine passes (compile/engines/passes.py) and
 Inductor option presets (engine_jobs.OPTION_PRESETS); "baseline" is the plain engine.
 FLOPs per image are counted at each size (FlopCounterMode on fake tensors: matmul, conv and
-attention, as shared/spec/flops.md); the peak is the H100/H200 SXM dense FP16 tensor-core rate.
+attention, as docs/flops.md); the peak is the H100/H200 SXM dense FP16 tensor-core rate.
 The table goes to stdout, the JSON to --json, and a section into --results.
 """
 
@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # engine_jobs, also under runpy
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # engine_jobs, however this is started
 # codetr_stream is imported inside the functions, never here: the build workers are spawned
 # processes, which import this module first, and a --baseline-code worker must import that
 # checkout's codetr_stream, not this one's.
@@ -47,7 +47,7 @@ from engine_jobs import (
     weights_checksum,
 )
 
-FLOP_1152x768 = 2.525e12  # shared/spec/flops.md, the fallback of model_flops
+FLOP_1152x768 = 2.525e12  # docs/flops.md, the fallback of model_flops
 PEAK_FP16 = 989.4e12  # H100 SXM dense FP16/BF16; the H200 has the same tensor cores
 SECTION = "## Engine benchmark (bench/engine.py)"
 ROOT = Path(__file__).resolve().parents[1]
@@ -318,8 +318,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def make_jobs(args: argparse.Namespace) -> list[Job]:
     """Every (variant, size, batch) engine; prebuilt engines stand for the baseline variant;
     --baseline-code adds that code's engines, --probe a feature probe per variant."""
-    from codetr_stream.compile.configs import parse_config
     from codetr_stream.compile.export import check_input_size
+    from codetr_stream.compile.model_config import parse_config
 
     cfg = parse_config(args.config)
     prebuilt = dict(e.split("=", 1) for e in args.engine)

@@ -141,7 +141,7 @@ def config_dict(config: str) -> dict[str, Any]:
     """A built-in config name or a JSON file, as the dict the engine manifest records."""
     import json
 
-    from codetr_stream.compile.configs import BUILTIN
+    from codetr_stream.compile.model_config import BUILTIN
 
     return BUILTIN[config]() if config in BUILTIN else json.loads(Path(config).read_text())
 

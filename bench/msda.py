@@ -35,8 +35,8 @@ from pathlib import Path
 
 import torch
 from codetr_stream.plugin.kernel import LaunchConfig, launch_config, ms_deform_attn_triton
-from codetr_stream.plugin.kernel_baselines import ms_deform_attn_baseline
 from codetr_stream.plugin.reference import ms_deform_attn_reference
+from msda_baselines import ms_deform_attn_baseline
 
 LEVELS = [(192, 288), (96, 144), (48, 72), (24, 36), (12, 18)]
 HEADS, POINTS, DIM, DECODER_QUERIES = 8, 4, 32, 900

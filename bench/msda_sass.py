@@ -22,7 +22,7 @@ from pathlib import Path
 
 import triton
 from codetr_stream.plugin.kernel import LaunchConfig, msda_fwd_kernel
-from codetr_stream.plugin.kernel_baselines import msda_fwd_kernel_v3
+from msda_baselines import msda_fwd_kernel_v3
 from triton.backends.compiler import GPUTarget
 
 DIM, LEVELS, POINTS = 32, 5, 4
@@ -46,7 +46,7 @@ VARIANTS = {
 
 def compile_variant(fn, value: str, locs: str, config: LaunchConfig | None, capability: int):
     """(compiled kernel, queries a program, warps) at the encoder shape."""
-    if config is None:  # v3: 32 queries x 32 channels, 4 warps (kernel_baselines defaults)
+    if config is None:  # v3: 32 queries x 32 channels, 4 warps (msda_baselines defaults)
         block_q, warps, extra = 32, 4, {"BLOCK_Q": 32, "BLOCK_D": 32}
     else:
         block_q, warps = config.block_q, config.num_warps

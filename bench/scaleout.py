@@ -1,8 +1,8 @@
 """Scale-out bench: N sharded workers on N GPUs behind the proxy against one worker on one GPU.
 
-Everything is a real process, as deployed: `tests/rtsp_replay.py` serves the cameras (RTSP/TCP,
-H.264 from PyAV's libx264); each `codetr-stream run` worker gets the whole camera list and its
-shard index (`$CODETR_SHARD_INDEX` of `$CODETR_SHARD_REPLICAS`) and sees one GPU
+Everything is a real process, as deployed: `daemon/demo/rtsp_replay.py` serves the cameras
+(RTSP/TCP, H.264 from PyAV's libx264); each `codetr-stream run` worker gets the whole camera
+list and its shard index (`$CODETR_SHARD_INDEX` of `$CODETR_SHARD_REPLICAS`) and sees one GPU
 (`CUDA_VISIBLE_DEVICES`, as a Kubernetes pod with `nvidia.com/gpu: 1` does); `codetr-stream
 proxy` connects to every worker; one SUB on the proxy receives. The cameras offer more frames
 than the engines take, so every engine is the bottleneck and the delivered rate measures how the
@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pipeline import (
+from pipeline_throughput import (
     GpuSampler,
     add_bench_args,
     engine_throughput,
@@ -54,8 +54,6 @@ from pipeline import (
     write_cameras_config,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 CLIP_SECONDS = 10.0  # the replay server's clip; frame index mod its length = clip frame
 TOP = 10  # scores compared per frame
 # Why the engine: the device script's choice, stated with the results.
@@ -128,9 +126,9 @@ def run_setup(setup: Setup, engine_dir: Path, names: list[str], port: int,
               args: argparse.Namespace, tmp: Path) -> Setup:
     """Start the workers and the proxy, receive through it, stop everything; fills `setup`."""
     import zmq
-    from proxy import cpu_seconds
-    from rtsp_server import free_port
-    from test_scaleout_e2e import CLI, Worker, subscriber
+    from codetr_stream.daemon.demo.rtsp_server import free_port
+    from proxy_throughput import cpu_seconds
+    from workers import CLI, Worker, subscriber
 
     workers = []
     for i, gpu in enumerate(setup.gpus):
@@ -337,7 +335,7 @@ def main() -> int:
         f"weights: {manifest.random_weights}); alone: {standalone:.1f} frames/s at batch "
         f"{largest} ({'CUDA events, GPU 0' if cuda else 'one CPU thread'})\n"
         f"- why this engine: {ENGINE_NOTES.get(manifest.backend, '-')}\n"
-        f"- cameras: {len(names)} x {args.size} @ {args.fps} fps (tests/rtsp_replay.py) = "
+        f"- cameras: {len(names)} x {args.size} @ {args.fps} fps (daemon/demo/rtsp_replay.py) = "
         f"{len(names) * args.fps} frames/s offered; max_batch {args.max_batch}; window "
         f"{args.seconds:g} s after {args.warmup:g} s of warm-up\n"
         f"- **delivered through the proxy, {setups[1].label} / {setups[0].label}: "

@@ -1,15 +1,15 @@
 """Soak: N cameras with source churn through the real daemon, watching for anything that creeps.
 
-Each camera is its own RTSP server process: GStreamer's (tests/rtsp_server.py) where it is
-installed, else the pure-Python replay server (tests/rtsp_replay.py; the GPU machine has no
+Each camera is its own RTSP server process: GStreamer's (daemon/demo/rtsp_server.py) where it is
+installed, else the pure-Python replay server (daemon/demo/rtsp_replay.py; the GPU machine has no
 GStreamer). Every 30-60 s (`--churn-every`) one random camera's server is killed and brought back
 on the same port a few seconds later (`--down`), so the daemon keeps tearing down and rebuilding
 demuxers, decoders (NVDEC on a GPU) and sockets. The daemon runs in this process
 (`service.run(config, stop_event=...)`) with the production defaults (snapshots, reconnect
-backoff), so the sampler sees its RSS, open fds, threads and GPU memory (daemon/procstat.py, the
-numbers of /metrics); a ZeroMQ SUB counts the detection messages of every camera per minute and
-reads the daemon's reconnect counts from its status messages; /healthz and /metrics are scraped
-every 15 s, as a Prometheus would.
+backoff), so the sampler sees its RSS, open fds, threads and GPU memory (the numbers of
+/metrics, daemon/monitoring/procstat.py); a ZeroMQ SUB counts the detection messages of every
+camera per minute and reads the daemon's reconnect counts from its status messages; /healthz and
+/metrics are scraped every 15 s, as a Prometheus would.
 
 The clock starts once every camera has published: `--warmup` seconds are left out, then
 `--minutes` are measured, with a table row per minute (`--live DIR` keeps progress.md and
@@ -50,19 +50,13 @@ from pathlib import Path
 
 import numpy as np
 import zmq
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # the RTSP test servers live beside the tests
-
-from codetr_stream.daemon.config import DaemonConfig, load_config  # noqa: E402
-from codetr_stream.daemon.procstat import (  # noqa: E402
-    ProcessSample,
-    ProcessSampler,
-    sample_process,
-)
-from rtsp_replay import ReplayServer  # noqa: E402
-from rtsp_server import RtspServer, free_port  # noqa: E402
-from soak_report import Row, Run, header, judge, render, write_live  # noqa: E402
+from codetr_stream.daemon.config.load import load_config
+from codetr_stream.daemon.config.schema import DaemonConfig
+from codetr_stream.daemon.demo.rtsp_replay import ReplayServer
+from codetr_stream.daemon.demo.rtsp_server import RtspServer, free_port
+from codetr_stream.daemon.monitoring.procstat import ProcessSample, sample_process
+from process_trend import ProcessSampler
+from soak_report import Row, Run, header, judge, render, write_live
 
 PROBE_EVERY_S = 15.0
 READY_TIMEOUT_S = 900.0  # engine load (an Inductor warm start is ~1 min) + first frames
@@ -87,7 +81,7 @@ def camera_servers(kind: str, names: list[str], size: str, fps: int) -> tuple[st
             kind = "gst"
         except (RuntimeError, OSError) as exc:
             print(f"GStreamer's RTSP server is not available ({exc}); using the replay server "
-                  "(tests/rtsp_replay.py)", flush=True)
+                  "(daemon/demo/rtsp_replay.py)", flush=True)
             kind = "replay"
     servers = [RtspServer([f"{name}=h264:{size}@{fps}"]) if kind == "gst"
                else ReplayServer(size, fps) for name in names]
@@ -446,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown:
         args.markdown.write_text(report)
     if args.results:
-        with (ROOT / "bench" / "RESULTS.md").open("a") as f:
+        with (Path(__file__).parent / "RESULTS.md").open("a") as f:
             f.write("\n" + report)
     if args.live:
         write_live(args.live, run)

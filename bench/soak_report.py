@@ -13,7 +13,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from codetr_stream.daemon.procstat import ProcessSample, Trend, trend
+from codetr_stream.daemon.monitoring.procstat import ProcessSample
+from process_trend import Trend, trend
 
 MB = 1 << 20
 DECODE_PATHS = {"nv12": "NVDEC (NV12 frames in GPU memory)", "rgb24": "FFmpeg on the CPU (RGB)"}

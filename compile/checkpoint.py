@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-# Training-only parts of the official checkpoint (shared/spec/official_extra_keys.tsv).
+# Training-only parts of the official checkpoint (docs/checkpoint.md).
 IGNORED_PREFIXES = ("query_head.dn_generator.", "rpn_head.", "roi_head.", "bbox_head.")
 _SHOWN = 10
 

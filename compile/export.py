@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 
 import torch
-from codetr_stream.compile.configs import CoDinoConfig
+from codetr_stream.compile.model_config import CoDinoConfig
 from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
@@ -115,8 +114,3 @@ def max_abs_diff(a: tuple[Tensor, ...], b: tuple[Tensor, ...]) -> list[float]:
         else:
             diffs.append(float((x != y).sum()))
     return diffs
-
-
-def save_program(program: torch.export.ExportedProgram, path: Path) -> Path:
-    torch.export.save(program, str(path))
-    return path

@@ -23,10 +23,10 @@ from typing import NoReturn
 # Offline side first (checkpoint -> engine), then the service side (engine -> detections),
 # then accuracy (engine -> COCO AP).
 COMMAND_MODULES = (
-    "codetr_stream.compile.cli",
-    "codetr_stream.daemon.commands",
-    "codetr_stream.daemon.scaleout_commands",
-    "codetr_stream.daemon.eval_commands",
+    "codetr_stream.compile.build_commands",
+    "codetr_stream.daemon.service_commands",
+    "codetr_stream.daemon.fleet.scaleout_commands",
+    "codetr_stream.daemon.accuracy.eval_commands",
 )
 INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
 
@@ -132,6 +132,7 @@ def _exit_now(code: int) -> NoReturn:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command line (default: sys.argv) and return its exit code; Ctrl-C is 130."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -142,9 +143,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"codetr-stream {args.command}: interrupted", file=sys.stderr)
         code = INTERRUPTED
-    _exit_now(code)
-    return code  # not reached
+    return code
+
+
+def console() -> NoReturn:
+    """The `codetr-stream` command: `main`, then out without the interpreter's teardown."""
+    _exit_now(main())
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

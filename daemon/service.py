@@ -1,14 +1,15 @@
-"""The daemon: sources -> slots -> batcher -> runner -> postprocess -> publisher, and its life.
+"""The daemon: streams (daemon/stream.py) -> engine workers (batcher, runner with postprocessing)
+-> publisher, and its life.
 
 `run(config)` starts everything, serves until SIGTERM/SIGINT (or `stop_event`), and shuts down
 cleanly: intake stops, the batch in flight is published, sockets close. SIGHUP re-reads the config
 file (on a thread of its own: the main loop keeps its heartbeats while a file is read) and
 applies the difference stream by stream; the engine and the untouched streams (and their frame
 indexes) carry on as if nothing happened. A file that cannot be used changes nothing and costs
-one log line. Each camera has its own thread; each device
-(`engine.gpus`, or the CPU) has an engine worker thread that batches, infers, postprocesses and
-publishes the frames of the streams assigned to it (new streams go to the least loaded worker);
-the main thread applies reloads and sends the per-stream heartbeats.
+one log line. Each camera is a `Stream` with its own source thread; each device (`engine.gpus`,
+or the CPU) has an engine worker thread that batches, infers, postprocesses and publishes the
+frames of the streams assigned to it (new streams go to the least loaded worker); the main
+thread applies reloads and sends the per-stream heartbeats.
 """
 
 from __future__ import annotations
@@ -21,29 +22,24 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from codetr_stream.daemon import fd_budget, systemd
-from codetr_stream.daemon.batcher import Batcher
-from codetr_stream.daemon.config import (
-    ConfigError,
-    DaemonConfig,
-    ReconnectConfig,
-    StreamConfig,
-    diff,
-    load_config,
-)
-from codetr_stream.daemon.detections import FrameResult, StreamStatus
-from codetr_stream.daemon.frames import Frame, FrameSlots
-from codetr_stream.daemon.health import HealthServer, Liveness, SnapshotStore
-from codetr_stream.daemon.metrics import Metrics
-from codetr_stream.daemon.postprocess import DROP_ALL, FrameFilter, finish
-from codetr_stream.daemon.preprocess import frame_rgb
-from codetr_stream.daemon.publish import Publisher
-from codetr_stream.daemon.runner import BatchOutput, Runner
-from codetr_stream.daemon.source import Backoff, Source, SourceSettings
+from codetr_stream.daemon.config.load import ConfigError, diff, load_config
+from codetr_stream.daemon.config.schema import DaemonConfig, StreamConfig
+from codetr_stream.daemon.feed.messages import FrameResult
+from codetr_stream.daemon.feed.publish import Publisher
+from codetr_stream.daemon.monitoring.health import HealthServer, Liveness, SnapshotStore
+from codetr_stream.daemon.monitoring.metrics import Metrics
+from codetr_stream.daemon.pipeline.batcher import Batcher
+from codetr_stream.daemon.pipeline.frames import Frame, FrameSlots
+from codetr_stream.daemon.pipeline.postprocess import DROP_ALL
+from codetr_stream.daemon.pipeline.preprocess import frame_rgb
+from codetr_stream.daemon.pipeline.runner import BatchOutput, Runner
+from codetr_stream.daemon.pipeline.source import Source
+from codetr_stream.daemon.stream import Lane, Stream, Watchers
+from codetr_stream.daemon.system import fd_budget, systemd
 
 log = logging.getLogger(__name__)
 
@@ -79,23 +75,13 @@ def _on(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def source_settings(stream: StreamConfig, reconnect: ReconnectConfig) -> SourceSettings:
-    return SourceSettings(
-        name=stream.name, url=stream.url, transport=stream.transport, max_fps=stream.max_fps,
-        open_timeout=reconnect.open_timeout_s, read_timeout=reconnect.read_timeout_s,
-        stall_timeout=reconnect.stall_timeout_s,
-        backoff=Backoff(reconnect.backoff_initial_s, reconnect.backoff_max_s,
-                        reconnect.backoff_multiplier, reconnect.backoff_jitter))
-
-
 @dataclass(eq=False)
 class _Worker:
-    """One engine on one device, with the slots and batcher of the streams assigned to it."""
+    """One engine on one device, with the lane (slots) of the streams assigned to it."""
 
     runner: Runner
     batcher: Batcher
-    slots: FrameSlots
-    streams: set[str] = field(default_factory=set)
+    lane: Lane
 
     @property
     def device(self) -> torch.device:
@@ -103,28 +89,20 @@ class _Worker:
 
 
 @dataclass
-class _Done:
-    """A batch whose outputs are on the host, to be published."""
+class _Batch:
+    """A batch whose outputs are on the host, with the stream each frame came from (None: gone
+    before the batch was taken)."""
 
     frames: list[Frame]
+    streams: list[Stream | None]
     out: BatchOutput
     started: float  # monotonic, when it was submitted
 
 
-@dataclass
-class _Stream:
-    """A live stream: its config (filters may change on reload), source, worker and counters."""
-
-    config: StreamConfig
-    source: Source
-    worker: _Worker
-    published: int = 0
-    published_at_tick: int = 0
-    dropped_at_tick: int = 0
-    fps_out: float = 0.0
-
-
 class Service:
+    """The daemon's wiring: streams -> engine workers (batcher, runner) -> publisher, and its life:
+    start, serve (engine worker threads, heartbeats, reloads), close."""
+
     def __init__(self, config: DaemonConfig, *, config_path: str | Path | None = None,
                  on_result: OnResult | None = None, restrict: Restrict | None = None,
                  devices: Sequence[torch.device] | None = None) -> None:
@@ -133,14 +111,12 @@ class Service:
         self.config_path = Path(config_path) if config_path is not None else None
         self.on_result = on_result
         self.devices = list(devices) if devices is not None else select_devices(config)
-        self.metrics = Metrics()
-        self.liveness = Liveness()
-        self.snapshots = SnapshotStore(jpeg_quality=config.snapshot.jpeg_quality,
-                                       max_width=config.snapshot.max_width)
-        self.streams: dict[str, _Stream] = {}
-        self._retired: list[Source] = []
+        self.watchers = Watchers(Metrics(), Liveness(), SnapshotStore(
+            jpeg_quality=config.snapshot.jpeg_quality, max_width=config.snapshot.max_width))
+        self.streams: dict[str, Stream] = {}
+        self._retired: list[Source] = []  # sources of closed streams whose thread may still run
         self.workers: list[_Worker] = []
-        self.class_names: list[str] = []
+        self.class_names: tuple[str, ...] = ()
         self._failure: BaseException | None = None
         self.publisher: Publisher | None = None
         self.health: HealthServer | None = None
@@ -155,23 +131,23 @@ class Service:
         # (minutes on a GPU); /healthz says 503 (engine not warm) meanwhile.
         self.publisher = Publisher.from_config(self.config.publish)
         log.info("publishing on %s", self.publisher.endpoint)
-        self.health = HealthServer.from_config(self.config.health, liveness=self.liveness,
-                                               metrics=self.metrics,
-                                               snapshots=self.snapshots).start()
+        self.health = HealthServer.from_config(
+            self.config.health, liveness=self.watchers.liveness, metrics=self.watchers.metrics,
+            snapshots=self.watchers.snapshots).start()
         for device in self.devices:
             log.info("loading engine %s on %s", self.config.engine.path, device)
             with _on(device):  # engines that capture CUDA graphs do it on the current device
                 runner = Runner(self.config.engine.path, device)
                 runner.warm_up()
             slots = FrameSlots()
-            self.workers.append(_Worker(runner, Batcher(
-                slots, runner.batch_sizes, self.config.batching.max_batch,
-                self.config.batching.max_wait_ms), slots))
+            batcher = Batcher(slots, runner.batch_sizes, self.config.batching.max_batch,
+                              self.config.batching.max_wait_ms)
+            self.workers.append(_Worker(runner, batcher, Lane(slots, device)))
         if self.workers[0].runner.engine.manifest.random_weights:
             log.warning("engine %s has RANDOM weights: its detections are meaningless",
                         self.config.engine.path)
-        self.class_names = self.workers[0].runner.class_names
-        self.liveness.set_engine_warm()
+        self.class_names = tuple(self.workers[0].runner.class_names)
+        self.watchers.liveness.set_engine_warm()
         for stream in self.config.enabled_streams:
             self._add_stream(stream)
         systemd.ready(f"{len(self.streams)} streams")
@@ -203,47 +179,13 @@ class Service:
         if self._failure is not None:
             raise self._failure
 
-    def _work(self, worker: _Worker, stop: threading.Event) -> None:
-        """One engine worker: batches from its slots through its runner to the publisher.
-
-        On a GPU a batch is published while the engine runs the next one, if the next is already
-        waiting: the engine then waits for the host only while a batch is being submitted.
-        """
-        done: _Done | None = None
-        try:
-            if worker.device.type == "cuda":
-                torch.cuda.set_device(worker.device)
-            while not stop.is_set():
-                if done is not None and not (worker.runner.asynchronous
-                                             and worker.batcher.ready()):
-                    self._process(done)  # nothing to overlap with: publish now
-                    done = None
-                frames = worker.batcher.next_batch(stop)
-                started = time.monotonic()
-                pending = (worker.runner.submit(frames, [self._filter(f) for f in frames])
-                           if frames else None)
-                if done is not None:
-                    self._process(done)
-                    done = None
-                if pending is not None:
-                    out = pending.result()
-                    self.metrics.observe_batch(len(frames), time.monotonic() - started)
-                    done = _Done(frames, out, started)
-                    self._watchdog.progress()
-                self.liveness.beat()
-            if done is not None:  # the batch in flight is always published
-                self._process(done)
-        except BaseException as exc:
-            self._failure = exc
-            stop.set()
-
     def close(self) -> None:
         systemd.stopping()
         sources = [s.source for s in self.streams.values()] + self._retired
         for source in sources:
             source.stop()
         for worker in self.workers:
-            worker.slots.wake()
+            worker.lane.slots.wake()
         deadline = time.monotonic() + JOIN_TIMEOUT_S
         stuck = [s.name for s in sources if not s.join(max(0.0, deadline - time.monotonic()))]
         if stuck:
@@ -256,26 +198,16 @@ class Service:
 
     # ---- streams ----
 
-    def _add_stream(self, stream: StreamConfig, next_index: int = 0) -> None:
-        worker = min(self.workers, key=lambda w: len(w.streams))  # the least loaded
-        worker.streams.add(stream.name)
-        worker.slots.add(stream.name)
-        source = Source(source_settings(stream, self.config.reconnect), worker.slots,
-                        worker.device, self.metrics.stream(stream.name),
-                        next_index=next_index).start()
-        self.streams[stream.name] = _Stream(stream, source, worker)
-        log.info("stream %s added (%s) on %s", stream.name, stream.safe_url, worker.device)
+    def _add_stream(self, config: StreamConfig, next_index: int = 0) -> None:
+        worker = min(self.workers, key=lambda w: len(w.lane.streams))  # the least loaded
+        self.streams[config.name] = Stream(
+            config, reconnect=self.config.reconnect, lane=worker.lane, watchers=self.watchers,
+            class_names=self.class_names, next_index=next_index).start()
 
     def _remove_stream(self, name: str) -> Source:
-        state = self.streams.pop(name)
-        state.source.stop()
-        self._retired.append(state.source)
-        state.worker.streams.discard(name)
-        state.worker.slots.remove(name)
-        self.metrics.remove_stream(name)
-        self.liveness.remove_stream(name)
-        self.snapshots.remove(name)
-        return state.source
+        source = self.streams.pop(name).close()
+        self._retired.append(source)
+        return source
 
     def reload(self) -> bool:
         """Re-read the config file and apply it; an invalid file changes nothing."""
@@ -289,8 +221,7 @@ class Service:
             log.warning("reload requested but the service was started without a config path")
             return None
         try:
-            return self.restrict(load_config(self.config_path,
-                                             class_names=tuple(self.class_names)))
+            return self.restrict(load_config(self.config_path, class_names=self.class_names))
         except ConfigError as exc:
             why = "; ".join(map(str, exc.problems))
         except Exception as exc:  # whatever it is, the cameras keep running
@@ -313,12 +244,12 @@ class Service:
             log.info("stream %s removed", stream.name)
         reconnect = set(change.reconnect)
         for stream in change.changed:
-            old = self.streams[stream.name]
-            if stream.name in reconnect or stream.max_fps != old.config.max_fps:
+            running = self.streams[stream.name]
+            if stream.name in reconnect or stream.max_fps != running.config.max_fps:
                 index = self._remove_stream(stream.name).next_index
                 self._add_stream(stream, next_index=index)
             else:
-                old.config = stream  # filters only: the source keeps running
+                running.reconfigure(stream)  # filters only: the source keeps running
             log.info("stream %s changed", stream.name)
         for stream in change.added:
             self._add_stream(stream)
@@ -327,46 +258,72 @@ class Service:
         systemd.ready(f"{len(self.streams)} streams")
         return True
 
-    # ---- the data path ----
+    # ---- the data path: an engine worker's loop ----
 
-    def _filter(self, frame: Frame) -> FrameFilter:
-        state = self.streams.get(frame.stream)
-        if state is None:  # removed by a reload while its frame waited
-            return DROP_ALL
-        return FrameFilter.of(state.config, tuple(self.class_names))
+    def _work(self, worker: _Worker, stop: threading.Event) -> None:
+        """One engine worker: batches from its lane's slots through its runner to the publisher.
 
-    def _process(self, done: _Done) -> None:
-        for i, frame in enumerate(done.frames):
-            state = self.streams.get(frame.stream)
-            if state is None:  # removed by a reload while its frame waited
+        On a GPU a batch is published while the engine runs the next one, if the next is already
+        waiting: the engine then waits for the host only while a batch is being submitted.
+        """
+        done: _Batch | None = None
+        try:
+            if worker.device.type == "cuda":
+                torch.cuda.set_device(worker.device)
+            while not stop.is_set():
+                if done is not None and not (worker.runner.asynchronous
+                                             and worker.batcher.ready()):
+                    self._publish(done)  # nothing to overlap with: publish now
+                    done = None
+                frames = worker.batcher.next_batch(stop)
+                started = time.monotonic()
+                # Each frame's stream, looked up once: its filter now, its ROI at publishing.
+                streams = [self.streams.get(frame.stream) for frame in frames]
+                pending = (worker.runner.submit(
+                    frames, [DROP_ALL if s is None else s.filter for s in streams])
+                    if frames else None)
+                if done is not None:
+                    self._publish(done)
+                    done = None
+                if pending is not None:
+                    out = pending.result()
+                    self.watchers.metrics.observe_batch(len(frames), time.monotonic() - started)
+                    done = _Batch(frames, streams, out, started)
+                    self._watchdog.progress()
+                self.watchers.liveness.beat()
+            if done is not None:  # the batch in flight is always published
+                self._publish(done)
+        except BaseException as exc:
+            self._failure = exc
+            stop.set()
+
+    def _publish(self, batch: _Batch) -> None:
+        out = batch.out
+        for frame, stream, rows in zip(batch.frames, batch.streams, out.rows, strict=True):
+            if stream is None or not stream.open:  # removed by a reload while it waited
                 continue
-            self._publish(frame, state, done.out, i, done.started)
-
-    def _publish(self, frame: Frame, state: _Stream, out: BatchOutput, i: int,
-                 started: float) -> None:
-        t0 = time.perf_counter()
-        detections = finish(out.rows[i], frame_size=(frame.width, frame.height),
-                            roi=state.config.roi, class_names=self.class_names)
-        # The batch's device postprocessing (and read-back) plus this frame's host part.
-        postprocess_ms = out.postprocess_ms + (time.perf_counter() - t0) * 1e3
-        result = FrameResult(
-            stream=frame.stream, frame_index=frame.index, pts=frame.pts,
-            capture_ns=frame.capture_ns, width=frame.width, height=frame.height,
-            detections=detections,
-            latencies_ms={"queue": (started - frame.decoded_mono) * 1e3,
-                          "preprocess": out.preprocess_ms, "infer": out.infer_ms,
-                          "postprocess": postprocess_ms})
-        self.publisher.publish(result)
-        state.published += 1
-        state.source.metrics.published()  # the stream's own handle: a removed one stays removed
-        self.metrics.observe_frame(started - frame.decoded_mono,
-                                   (result.publish_ns - frame.capture_ns) / 1e9)
-        if self.config.snapshot.enabled and self.snapshots.due(frame.stream):
-            # One host copy per interval.
-            image = frame_rgb(frame, state.worker.device).cpu().numpy()
-            self.snapshots.put(frame.stream, image, detections)
-        if self.on_result is not None:
-            self.on_result(frame, result)
+            t0 = time.perf_counter()
+            detections = stream.detections(rows, (frame.width, frame.height))
+            # The batch's device postprocessing (and read-back) plus this frame's host part.
+            postprocess_ms = out.postprocess_ms + (time.perf_counter() - t0) * 1e3
+            result = FrameResult(
+                stream=frame.stream, frame_index=frame.index, pts=frame.pts,
+                capture_ns=frame.capture_ns, width=frame.width, height=frame.height,
+                detections=detections,
+                latencies_ms={"queue": (batch.started - frame.decoded_mono) * 1e3,
+                              "preprocess": out.preprocess_ms, "infer": out.infer_ms,
+                              "postprocess": postprocess_ms})
+            self.publisher.publish(result)
+            stream.count_published()
+            self.watchers.metrics.observe_frame(batch.started - frame.decoded_mono,
+                                                (result.publish_ns - frame.capture_ns) / 1e9)
+            snapshots = self.watchers.snapshots
+            if self.config.snapshot.enabled and snapshots.due(frame.stream):
+                # One host copy per interval.
+                image = frame_rgb(frame, stream.lane.device).cpu().numpy()
+                snapshots.put(frame.stream, image, detections)
+            if self.on_result is not None:
+                self.on_result(frame, result)
 
     # ---- heartbeats ----
 
@@ -379,21 +336,8 @@ class Service:
         if interval < self.config.publish.status_interval_s:
             return
         self._last_tick = now
-        for name, state in self.streams.items():
-            stats, slot = state.source.stats, state.worker.slots.stats(name)
-            state.fps_out = (state.published - state.published_at_tick) / interval
-            state.published_at_tick = state.published
-            if slot.dropped > state.dropped_at_tick:
-                state.source.metrics.dropped(slot.dropped - state.dropped_at_tick)
-                state.dropped_at_tick = slot.dropped
-            age = stats.last_frame_age(now)
-            self.publisher.status(StreamStatus(
-                stream=name, connected=stats.connected, fps_in=stats.fps_in,
-                fps_out=state.fps_out, frames_in=stats.decoded,
-                frames_dropped=slot.dropped + stats.skipped, frames_published=state.published,
-                reconnects=stats.reconnects, last_frame_age_s=age, error=stats.last_error))
-            self.liveness.set_stream(name, "streaming" if stats.connected else "reconnecting",
-                                     error=stats.last_error)
+        for stream in self.streams.values():
+            self.publisher.status(stream.heartbeat(now, interval))
 
 
 def _in_background(load: Callable[[], DaemonConfig | None]) -> Future[DaemonConfig | None]:

@@ -33,7 +33,7 @@ if [ "$checked" -ne 0 ] && [ "$checked" -ne 3 ]; then
 fi
 
 engine=$(python3 -c 'import sys
-from codetr_stream.daemon.config import load_config
+from codetr_stream.daemon.config.load import load_config
 print(load_config(sys.argv[1]).engine.path)' "$config")
 
 if [ ! -f "$engine/manifest.json" ]; then

@@ -4,10 +4,10 @@ MSDA is a gather: per (query, head) it reads levels x points x 4 corner rows of 
 sums them with attention x bilinear weights. Each gathered element costs a float16 -> float32
 conversion and an FMA (the compute floor, bench/msda_notes.md); on top comes the per-point work
 (pixel coordinates, corner indices, bounds, weights), repeated by every lane that holds part of a
-query's row. `msda_fwd_kernel` gives a row to 2 lanes, each loading 16-byte pieces (D=32 float16:
-16 channels a lane): a warp load reads whole 32-byte sectors of 16 rows, the L1's full rate, and
-the per-point work is done twice per row instead of 4 times as in a [queries, head dim] tile
-(v3, plugin/kernel_baselines.py). Small calls use 4 lanes a row to have threads for all SMs.
+query's row. `msda_fwd_kernel` gives a row to a few lanes (`LaunchConfig.lanes_per_row`), each
+loading 16-byte pieces and keeping the rest of its share of the row in registers, so the per-point
+work is repeated by those few lanes only, not by every lane of a [queries, head dim] tile (v3,
+bench/msda_baselines.py).
 
 Sampling follows `grid_sample(align_corners=False, padding_mode="zeros")`: pixel x = loc * W - 0.5,
 corners outside the map contribute zero. Pixel coordinates are exact: float32 for 16-bit
@@ -15,7 +15,7 @@ locations (loc * W fits float32's 24 bits), float64 for float32 locations (a flo
 lose ~1e-5 of the fraction at x ~ 300).
 
 Kernel arguments follow TensorRT's AOT plugin convention: input pointers, then int32 scalars,
-then the output pointer (plugin/tensorrt.py launches the same compiled kernel).
+then the output pointer (plugin/tensorrt_plugin.py launches the same compiled kernel).
 """
 
 from __future__ import annotations
@@ -158,13 +158,11 @@ class LaunchConfig:
 
 
 def launch_config() -> LaunchConfig:
-    """The op's block shape, one for every call.
-
-    On an H200 (bench/RESULTS.md, "MSDA kernel") 64 queries a program, 4 lanes a row and 8 warps
-    was the fastest of the sweep at both the encoder shape
-    (277 us vs 460 us at 2 lanes) and the decoder's (13.1 us). Fewer lanes a row cut the
-    instructions per element but not the time: the gathers of the model's real locations
-    are cache-bound at 1-2 lanes a row (notes: bench/msda_notes.md).
+    """The op's block shape, one for every call: 64 queries a program, 4 lanes a row, 8 warps,
+    the fastest of the launch shapes swept on an H200 at both the encoder's and the decoder's
+    call (measured: bench/RESULTS.md, "MSDA kernel"). Fewer lanes a row cut the instructions per
+    element but not the time: the gathers of the model's real locations are cache-bound there
+    (bench/msda_notes.md).
     """
     return LaunchConfig(block_q=64, lanes_per_row=4, num_warps=8)
 

@@ -141,9 +141,9 @@ def window_attention_kernel(
 class WindowLaunch:
     """Block shape of `window_attention_kernel`: query rows a program, keys a step, warps.
 
-    The default was the fastest (with 64-64-4, within 3%) of the ten shapes swept on an H200
-    at Swin-L's stages 1 and 3, batch 1 and 8 (bench/RESULTS.md, "Swin block pieces"); 32 rows
-    waste 11% of a 144-token window in padding, 64 rows 25%."""
+    The default was the fastest of the shapes swept on an H200 at Swin-L's stages 1 and 3
+    (measured: bench/RESULTS.md, "Swin block pieces"); 32 rows waste less of a 144-token window
+    in padding than 64 (16 rows of 160 against 48 of 192)."""
 
     block_m: int = 32
     block_n: int = 32

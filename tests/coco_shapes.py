@@ -107,7 +107,7 @@ def main() -> None:
         manifest = json.loads((args.classes_from / "manifest.json").read_text())
         names = manifest["class_names"]
     else:
-        from codetr_stream.daemon.detections import COCO_CLASSES
+        from codetr_stream.compile.coco_classes import COCO_CLASSES
 
         names = list(COCO_CLASSES)
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from codetr_stream.compile.model_config import CoDinoConfig
 
 DATA = Path(__file__).parent / "data"
 
@@ -23,3 +27,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     return DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_config(data_dir: Path) -> CoDinoConfig:
+    """tests/data/tiny_config.json, parsed (frozen); `.to_dict()` is the file's dict, a fresh
+    one each call (a test may change it)."""
+    from codetr_stream.compile.model_config import parse_config
+
+    return parse_config(data_dir / "tiny_config.json")

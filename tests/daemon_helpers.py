@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import subprocess
 import sys
 import threading
@@ -16,25 +15,23 @@ from pathlib import Path
 
 import torch
 from codetr_stream.compile import build_model
-from codetr_stream.compile.engines import build_engine
+from codetr_stream.compile.build import build_model_engine
 from codetr_stream.daemon import service
-from codetr_stream.daemon.config import load_config
+from codetr_stream.daemon.config.load import load_config
 
 DATA = Path(__file__).parent / "data"
 INPUT_HW = (256, 320)  # small: CI has 2 cores for everything
 
 
 def tiny_model() -> torch.nn.Module:
-    config = json.loads((DATA / "tiny_config.json").read_text())
-    return build_model(config, DATA / "tiny_codino.pth")
+    return build_model(DATA / "tiny_config.json", DATA / "tiny_codino.pth")
 
 
-def build_tiny_engine(out: Path, batch_sizes: tuple[int, ...] = (1, 2, 4)) -> Path:
+def build_tiny_engine(out: Path, batch_sizes: tuple[int, ...] = (1, 2, 4), *,
+                      input_hw: tuple[int, int] = INPUT_HW) -> Path:
     """The tiny reference model as an eager fp32 CPU engine (the daemon's CPU path)."""
-    config = json.loads((DATA / "tiny_config.json").read_text())
-    build_engine(tiny_model(), out, backend="eager", precision="fp32", input_hw=INPUT_HW,
-                 batch_sizes=list(batch_sizes), config_name="tiny", config=config,
-                 device="cpu", checkpoint=str(DATA / "tiny_codino.pth"))
+    build_model_engine(DATA / "tiny_config.json", out, checkpoint=DATA / "tiny_codino.pth",
+                       input_hw=input_hw, batch_sizes=batch_sizes)
     return out
 
 

@@ -25,13 +25,12 @@ from urllib.parse import quote
 import torch
 import yaml
 import zmq
-from codetr_stream.compile.engines import build_engine
-from codetr_stream.compile.preprocess import preprocess
-from codetr_stream.daemon.detections import Detection
-from codetr_stream.daemon.postprocess import postprocess
-from daemon_helpers import DATA, DaemonThread, tiny_model
-from rtsp_replay import Session, encode_clip
-from rtsp_server import free_port
+from codetr_stream.compile.model_inputs import preprocess
+from codetr_stream.daemon.demo.rtsp_replay import Session, encode_clip
+from codetr_stream.daemon.demo.rtsp_server import free_port
+from codetr_stream.daemon.feed.messages import Detection
+from codetr_stream.daemon.pipeline.postprocess import postprocess
+from daemon_helpers import DaemonThread, build_tiny_engine
 
 URL_PASSWORD = "S3cretPass"
 ENV_NAME = "CODETR_FAULT_CAM_PASS"
@@ -45,11 +44,7 @@ RECONNECT = {"open_timeout_s": 2.0, "read_timeout_s": 1.5, "stall_timeout_s": 2.
 
 def build_small_engine(out: Path) -> Path:
     """The tiny reference model as an eager fp32 CPU engine at INPUT_HW."""
-    config = json.loads((DATA / "tiny_config.json").read_text())
-    build_engine(tiny_model(), out, backend="eager", precision="fp32", input_hw=INPUT_HW,
-                 batch_sizes=[1, 2, 4], config_name="tiny", config=config, device="cpu",
-                 checkpoint=str(DATA / "tiny_codino.pth"))
-    return out
+    return build_tiny_engine(out, input_hw=INPUT_HW)
 
 
 def pause_bound(messages: list[Message]) -> float:
@@ -100,7 +95,7 @@ class _FaultySession(Session):
 
 
 class FaultyCamera:
-    """A generated H.264 clip served over RTSP/TCP in this process (tests/rtsp_replay.py's
+    """A generated H.264 clip served over RTSP/TCP in this process (daemon/demo/rtsp_replay.py's
     protocol), whose `mode` can change mid-stream: `ok`; `silent` (connection open, nothing
     sent); `filler` (RTP keeps flowing but holds no picture: only the decoded-frame watchdog can
     tell); `garbage` (random RTP payloads); `noise` (random bytes instead of RTP packets);
@@ -157,6 +152,50 @@ class FaultyCamera:
             with contextlib.suppress(OSError):
                 session.conn.shutdown(socket.SHUT_RDWR)
 
+
+
+class TcpCamera:
+    """A misbehaving camera: accepts TCP connections, then sends random bytes or stays silent."""
+
+    def __init__(self, mode: str = "garbage"):
+        if mode not in ("garbage", "silent"):
+            raise ValueError(f"mode {mode!r}: garbage or silent")
+        self.mode = mode
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+
+    def url(self, path: str = "cam") -> str:
+        return f"rtsp://127.0.0.1:{self.port}/{path}"
+
+    def _accept(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            self.connections += 1
+            threading.Thread(target=self._talk, args=(conn,), daemon=True).start()
+
+    def _talk(self, conn: socket.socket) -> None:
+        rng = random.Random(self.connections)
+        with conn, contextlib.suppress(OSError):
+            while not self._stop.is_set():
+                if self.mode == "garbage":
+                    conn.sendall(rng.randbytes(512))
+                time.sleep(0.05)
+
+    def __enter__(self) -> TcpCamera:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self.sock.close()
 
 # ---- everything the daemon says ----
 

@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 TESTS = Path(__file__).parent
+BENCH = TESTS.parent / "bench"  # the benchmark's baseline kernels are tested too
 
 
 def run_interpreted(module: str, function: str, timeout: float = 600) -> Any:
     """`module.function()` (a module in tests/) under the interpreter -> its JSON result."""
-    path = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
+    path = os.pathsep.join(filter(None, [str(TESTS), str(BENCH), os.environ.get("PYTHONPATH")]))
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)
     code = f"import json, {module} as m; print(json.dumps(m.{function}()))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

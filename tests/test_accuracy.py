@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from coco_shapes import make_set
-from codetr_stream.daemon.accuracy import evaluate
-from codetr_stream.daemon.coco import METRICS, DatasetError, GroundTruth, load_annotations
-from codetr_stream.daemon.detections import COCO_CLASSES
-from codetr_stream.daemon.image_set import check_images, scan_images
+from codetr_stream.compile.coco_classes import COCO_CLASSES
+from codetr_stream.daemon.accuracy.coco import METRICS, DatasetError, GroundTruth, load_annotations
+from codetr_stream.daemon.accuracy.evaluate import evaluate
+from codetr_stream.daemon.accuracy.image_set import check_images, scan_images
 
 THRESHOLDS = np.linspace(0.5, 0.95, 10)
 

@@ -232,9 +232,9 @@ def test_run_refuses_a_pid_file_a_running_daemon_holds(tmp_path: Path) -> None:
 def test_run_writes_its_pid_file_and_reload_adds_a_stream(tmp_path: Path) -> None:
     """The real daemon (tiny CPU engine): `reload` reaches it through the pid file, the new
     stream's heartbeats appear, and SIGTERM exits 0 and removes the pid file."""
-    from codetr_stream.daemon.subscribe import Subscription
+    from codetr_stream.daemon.demo.rtsp_server import free_port
+    from codetr_stream.daemon.feed.subscribe import Subscription
     from daemon_helpers import build_tiny_engine
-    from rtsp_server import free_port
 
     engine = build_tiny_engine(tmp_path / "engine", batch_sizes=(1,))
     endpoint = f"tcp://127.0.0.1:{free_port()}"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import pytest
@@ -13,8 +12,8 @@ from codetr_stream.compile.checkpoint import CheckpointError
 
 
 @pytest.fixture(scope="module")
-def config(data_dir: Path) -> dict:
-    return json.loads((data_dir / "tiny_config.json").read_text())
+def config(tiny_config) -> dict:
+    return tiny_config.to_dict()
 
 
 @pytest.fixture(scope="module")

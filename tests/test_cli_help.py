@@ -23,7 +23,7 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 
 
 def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
-    """Every (sub)subcommand's parser by its full name, e.g. "bench engine"."""
+    """Every (sub)subcommand's parser by its full name (a nested one as "A B")."""
     found = {}
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):

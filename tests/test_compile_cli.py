@@ -202,7 +202,7 @@ def workers_of(pid: int) -> list[int]:
 
 
 def test_fetch_weights_offline_is_one_line(tmp_path: Path) -> None:
-    from rtsp_server import free_port
+    from codetr_stream.daemon.demo.rtsp_server import free_port
 
     url = f"http://127.0.0.1:{free_port()}/model-00000000.pth"  # nothing listens there
     out = cli("fetch-weights", "--url", url, "--cache-dir", str(tmp_path), "--no-progress")

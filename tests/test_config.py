@@ -9,18 +9,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from codetr_stream.daemon import secrets
-from codetr_stream.daemon.config import (
-    ConfigError,
-    DaemonConfig,
-    StreamConfig,
-    diff,
-    load_config,
-    resolve_class_ids,
-)
-from codetr_stream.daemon.config_errors import inner_model
-from codetr_stream.daemon.detections import COCO_CLASSES
-from codetr_stream.daemon.secrets import RedactingFormatter, redact
+from codetr_stream.compile.coco_classes import COCO_CLASSES
+from codetr_stream.daemon.config import secrets
+from codetr_stream.daemon.config.load import ConfigError, diff, load_config
+from codetr_stream.daemon.config.problems import inner_model
+from codetr_stream.daemon.config.schema import DaemonConfig, StreamConfig, resolve_class_ids
+from codetr_stream.daemon.config.secrets import RedactingFormatter, redact
 from pydantic import BaseModel
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,8 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from codetr_stream.daemon.demo.rtsp_server import RtspServer, free_port
 from fault_helpers import Recorder, build_small_engine, write_streams_yaml
-from rtsp_server import RtspServer, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = "localhost/codetr-stream:cpu"  # the Makefile's IMAGE_CPU

@@ -11,12 +11,13 @@ from collections import defaultdict
 import pytest
 import torch
 import zmq
-from codetr_stream.compile.preprocess import preprocess
-from codetr_stream.daemon.batcher import pick_batch_size
-from codetr_stream.daemon.config import load_config
-from codetr_stream.daemon.postprocess import postprocess
+from codetr_stream.compile.model_inputs import preprocess
+from codetr_stream.daemon.config.load import load_config
+from codetr_stream.daemon.demo.rtsp_server import RtspServer, free_port
+from codetr_stream.daemon.pipeline.batcher import pick_batch_size
+from codetr_stream.daemon.pipeline.postprocess import postprocess
 from daemon_helpers import INPUT_HW, DaemonThread, build_tiny_engine, tiny_model, write_config
-from rtsp_server import RtspServer, TcpCamera, free_port
+from fault_helpers import TcpCamera
 
 PASSWORD = "Hunter2-secret"
 

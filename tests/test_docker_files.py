@@ -18,9 +18,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from codetr_stream.daemon.health import HealthServer, Liveness, SnapshotStore
-from codetr_stream.daemon.metrics import Metrics
-from rtsp_server import free_port
+from codetr_stream.daemon.demo.rtsp_server import free_port
+from codetr_stream.daemon.monitoring.health import HealthServer, Liveness, SnapshotStore
+from codetr_stream.daemon.monitoring.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"

@@ -22,8 +22,8 @@ HW = (128, 160)  # 1,020 tokens >= 100 queries; small for 2 CI cores
 
 
 @pytest.fixture(scope="module")
-def tiny(data_dir: Path) -> tuple[torch.nn.Module, dict]:
-    config = json.loads((data_dir / "tiny_config.json").read_text())
+def tiny(data_dir: Path, tiny_config) -> tuple[torch.nn.Module, dict]:
+    config = tiny_config.to_dict()
     return build_model(config, data_dir / "tiny_codino.pth"), config
 
 

@@ -5,7 +5,6 @@ without the engine graph passes (compile/engines/passes.py)."""
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import pytest
@@ -27,8 +26,8 @@ NO_RECOMPILE = ("import atexit, os; from torch._dynamo.utils import counters;"
                 " dict(c), file=sys.stderr, flush=True), os._exit(3)));")
 
 
-def _tiny(data_dir: Path) -> tuple[torch.nn.Module, dict]:
-    config = json.loads((data_dir / "tiny_config.json").read_text())
+def _tiny(data_dir: Path, tiny_config) -> tuple[torch.nn.Module, dict]:
+    config = tiny_config.to_dict()
     return build_model(config, data_dir / "tiny_codino.pth"), config
 
 
@@ -40,7 +39,7 @@ def _inputs(batch: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _assert_parity(got: tuple, want: tuple) -> None:
-    """The tiny parity tolerances (tests/data/README.md): scores 1e-4, boxes 1e-2 px, labels."""
+    """The tiny parity tolerances (docs/model.md §10): scores 1e-4, boxes 1e-2 px, labels."""
     torch.testing.assert_close(got[1], want[1], atol=1e-4, rtol=0)
     torch.testing.assert_close(got[0], want[0], atol=1e-2, rtol=0)
     assert torch.equal(got[2], want[2])
@@ -48,10 +47,10 @@ def _assert_parity(got: tuple, want: tuple) -> None:
 
 @pytest.mark.slow
 @PASSES
-def test_fp32_inductor_engine_equals_eager(data_dir: Path, tmp_path: Path,
+def test_fp32_inductor_engine_equals_eager(data_dir: Path, tmp_path: Path, tiny_config,
                                            passes: list[str]) -> None:
     """One batch size only: every compiled shape costs minutes of C++ builds on 2 CPU cores."""
-    model, config = _tiny(data_dir)
+    model, config = _tiny(data_dir, tiny_config)
     engine, manifest = build_engine(model, tmp_path, backend="inductor", precision="fp32",
                                     input_hw=HW, batch_sizes=[1], config_name="tiny",
                                     config=config, device="cpu", passes=passes)
@@ -68,11 +67,11 @@ def test_fp32_inductor_engine_equals_eager(data_dir: Path, tmp_path: Path,
 
 
 @pytest.mark.slow
-def test_rebuilding_into_an_engine_directory_replaces_its_programs(data_dir: Path,
+def test_rebuilding_into_an_engine_directory_replaces_its_programs(tiny_config,
                                                                    tmp_path: Path) -> None:
     """The daemon's rebuild command reuses --out: the new weights' program must replace the old
     file (the numerics check sees only the in-memory programs, so it cannot catch a stale one)."""
-    config = json.loads((data_dir / "tiny_config.json").read_text())
+    config = tiny_config.to_dict()
     for seed in (1, 2):
         torch.manual_seed(seed)
         model = build_model(config)
@@ -87,9 +86,9 @@ def test_rebuilding_into_an_engine_directory_replaces_its_programs(data_dir: Pat
 @pytest.mark.gpu
 @PASSES
 def test_fp16_engine_tracks_fp32_eager_and_restarts_from_its_cache(data_dir: Path,
-                                                                   tmp_path: Path,
+                                                                   tmp_path: Path, tiny_config,
                                                                    passes: list[str]) -> None:
-    model, config = _tiny(data_dir)
+    model, config = _tiny(data_dir, tiny_config)
     model = model.cuda()
     build_engine(model, tmp_path, backend="inductor", precision="fp16", input_hw=HW,
                  batch_sizes=[1, 2], config_name="tiny", config=config, device="cuda",

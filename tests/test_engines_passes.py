@@ -5,7 +5,6 @@ that the graph writes into."""
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import pytest
@@ -26,10 +25,9 @@ PASSES = ["fold-masks", "linear-relu", "linear-gelu"]
 
 
 @pytest.fixture(scope="module")
-def program(data_dir: Path) -> torch.export.ExportedProgram:
+def program(data_dir: Path, tiny_config) -> torch.export.ExportedProgram:
     """The tiny model exported with a dynamic batch (as the Inductor engine does)."""
-    config = json.loads((data_dir / "tiny_config.json").read_text())
-    model = build_model(config, data_dir / "tiny_codino.pth")
+    model = build_model(tiny_config, data_dir / "tiny_codino.pth")
     programs = export_for_batches(model, HW, [1, 2], "cpu")
     return programs[2]
 

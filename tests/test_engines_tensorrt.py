@@ -4,7 +4,6 @@ choice of Torch-TensorRT options runs everywhere."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -49,13 +48,13 @@ def test_cli_says_tensorrt_is_absent_in_one_line(tmp_path: Path) -> None:
 @pytest.mark.gpu
 @needs_tensorrt
 def test_tensorrt_engine_matches_eager_without_torch_tensorrt_at_run_time(
-        data_dir: Path, tmp_path: Path) -> None:
+        data_dir: Path, tmp_path: Path, tiny_config) -> None:
     pytest.importorskip("torch_tensorrt", reason="torch_tensorrt (needed to build) not installed")
     from codetr_stream.compile import build_model
     from codetr_stream.compile.engines import build_engine
     from codetr_stream.compile.export import example_inputs
 
-    config = json.loads((data_dir / "tiny_config.json").read_text())
+    config = tiny_config.to_dict()
     model = build_model(config, data_dir / "tiny_codino.pth", device="cuda")
     build_engine(model, tmp_path, backend="tensorrt", precision="fp32", input_hw=HW,
                  batch_sizes=[1, 2], config_name="tiny", config=config, device="cuda")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from coco_shapes import make_set
-from codetr_stream.daemon.detections import COCO_CLASSES
+from codetr_stream.compile.coco_classes import COCO_CLASSES
 from daemon_helpers import DATA, build_tiny_engine
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,7 +9,8 @@ import logging
 import time
 
 import pytest
-from codetr_stream.daemon.config import load_config
+from codetr_stream.daemon.config.load import load_config
+from codetr_stream.daemon.demo.rtsp_server import RtspServer
 from daemon_helpers import tiny_model
 from fault_helpers import (
     ENV_NAME,
@@ -18,6 +19,7 @@ from fault_helpers import (
     URL_PASSWORD,
     FaultDaemon,
     FaultyCamera,
+    TcpCamera,
     assert_no_secrets,
     build_small_engine,
     indexes_increase,
@@ -26,7 +28,6 @@ from fault_helpers import (
     pause_bound,
     wait_for,
 )
-from rtsp_server import RtspServer, TcpCamera
 from test_daemon_e2e import assert_same_detections
 
 SECRETS = (URL_PASSWORD, ENV_PASSWORD)

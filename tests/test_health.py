@@ -19,15 +19,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from codetr_stream.daemon.detections import Detection
-from codetr_stream.daemon.health import (
+from codetr_stream.daemon.feed.messages import Detection
+from codetr_stream.daemon.monitoring.health import (
     HealthServer,
     Liveness,
     SnapshotStore,
     annotate,
     read_token,
 )
-from codetr_stream.daemon.metrics import Metrics
+from codetr_stream.daemon.monitoring.metrics import Metrics
 from daemon_helpers import timed_get as get_url
 from fault_helpers import wait_for
 from hostile_peers import ATTACKER, half_sent_requests
@@ -295,7 +295,7 @@ def test_200_clients_at_once_are_all_answered_promptly() -> None:
 
 
 def test_control_characters_in_a_request_line_are_escaped_in_the_log(caplog) -> None:
-    caplog.set_level(logging.DEBUG, logger="codetr_stream.daemon.health")
+    caplog.set_level(logging.DEBUG, logger="codetr_stream.daemon.monitoring.health")
     with server() as service, socket.create_connection(service.server.address, timeout=5) as raw:
         raw.sendall(b"GET /\x1b[2J\x1b]0;owned\x07\r HTTP/1.0\r\n\r\n")
         assert raw.recv(1024).startswith(b"HTTP/1.0 ")
@@ -309,7 +309,7 @@ def test_control_characters_in_a_request_line_are_escaped_in_the_log(caplog) -> 
 def test_clients_that_hang_up_mid_response_leave_no_traceback(capfd, caplog) -> None:
     """50 clients ask for a large snapshot and reset the connection after its first bytes:
     nothing on stderr, each one a debug line through logging."""
-    caplog.set_level(logging.DEBUG, logger="codetr_stream.daemon.health")
+    caplog.set_level(logging.DEBUG, logger="codetr_stream.daemon.monitoring.health")
     noise = np.random.default_rng(0).integers(0, 255, (1500, 2000, 3), dtype=np.uint8)
     with server() as service:
         service.snapshots.put("cam1", noise, [PERSON])

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 
 import pytest
-from codetr_stream.daemon.procstat import sample_process
+from codetr_stream.daemon.monitoring.procstat import sample_process
 from daemon_helpers import timed_get
 from fault_helpers import (
     FaultyCamera,

@@ -99,7 +99,7 @@ def test_worker_is_one_gpu_with_probes_cache_and_scrape(objects) -> None:
 
 
 def test_streams_yaml_is_valid_and_reachable_from_the_pod_network(objects, monkeypatch) -> None:
-    from codetr_stream.daemon.config import load_config
+    from codetr_stream.daemon.config.load import load_config
 
     text = (BASE / "streams.yaml").read_text()
     for name in set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", text)):
@@ -114,8 +114,8 @@ def test_streams_yaml_is_valid_and_reachable_from_the_pod_network(objects, monke
 
 
 def test_proxy_connects_to_every_worker_pod(objects) -> None:
-    from codetr_stream.daemon.proxy import expand_endpoints
-    from codetr_stream.daemon.shard import ENV_REPLICAS, resolve_shard
+    from codetr_stream.daemon.fleet.proxy import expand_endpoints
+    from codetr_stream.daemon.fleet.shard import ENV_REPLICAS, resolve_shard
 
     sts = only(objects, "StatefulSet")
     headless = objects[("Service", sts["spec"]["serviceName"])]["spec"]

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-from codetr_stream.daemon.detections import SCHEMA_VERSION
+from codetr_stream.daemon.demo.rtsp_server import RtspServer, free_port
+from codetr_stream.daemon.feed.messages import SCHEMA_VERSION
 from daemon_helpers import DaemonThread, build_tiny_engine, write_config
-from rtsp_server import RtspServer, TcpCamera, free_port
+from fault_helpers import TcpCamera
 from test_daemon_e2e import subscriber
 
 SCHEMAS = Path(__file__).resolve().parents[1] / "docs" / "schema"

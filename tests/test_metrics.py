@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 
 import pytest
-from codetr_stream.daemon.metrics import Metrics
+from codetr_stream.daemon.monitoring.metrics import Metrics
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 

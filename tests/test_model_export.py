@@ -3,7 +3,6 @@ exported program computes exactly what eager does."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -12,8 +11,8 @@ from codetr_stream.compile import build_model
 
 
 @pytest.mark.slow
-def test_static_export_of_tiny_equals_eager(data_dir: Path) -> None:
-    config = json.loads((data_dir / "tiny_config.json").read_text())
+def test_static_export_of_tiny_equals_eager(data_dir: Path, tiny_config) -> None:
+    config = tiny_config.to_dict()
     model = build_model(config, data_dir / "tiny_codino.pth")
     vectors = torch.load(data_dir / "tiny_vectors.pt", map_location="cpu", weights_only=True)
     images, masks = vectors["A_images"], vectors["A_masks"]

@@ -10,7 +10,7 @@ from codetr_stream.compile import build_model
 
 
 def spec_keys(data_dir: Path) -> dict[str, tuple[tuple[int, ...], str]]:
-    """tests/data/swin_l_codino_keys.tsv (copy of shared/spec): key -> (shape, dtype)."""
+    """tests/data/swin_l_codino_keys.tsv (docs/checkpoint.md): key -> (shape, dtype)."""
     rows = (line.split("\t") for line in
             (data_dir / "swin_l_codino_keys.tsv").read_text().splitlines()[1:])
     return {key: (tuple(int(s) for s in shape.split("x")), dtype)

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 from codetr_stream.compile import build_model
-from codetr_stream.compile.configs import ConfigError
+from codetr_stream.compile.model_config import ConfigError
 
 
 @pytest.fixture(scope="module")
-def model(data_dir: Path) -> torch.nn.Module:
-    return build_model(json.loads((data_dir / "tiny_config.json").read_text()))
+def model(tiny_config) -> torch.nn.Module:
+    return build_model(tiny_config)
 
 
 @pytest.mark.parametrize(("images", "masks", "message"), [
@@ -39,12 +38,12 @@ def test_unknown_config_name_lists_known_ones() -> None:
         build_model("co_dino_swin_x")
 
 
-def test_bad_config_fields_are_named(data_dir: Path) -> None:
-    config = json.loads((data_dir / "tiny_config.json").read_text())
+def test_bad_config_fields_are_named(data_dir: Path, tiny_config) -> None:
+    config = tiny_config.to_dict()
     del config["transformer"]["msda_points"]
     with pytest.raises(ConfigError, match=r"transformer\.msda_points' is missing"):
         build_model(config)
-    config = json.loads((data_dir / "tiny_config.json").read_text())
+    config = tiny_config.to_dict()
     config["neck"]["in_channels"] = [32, 64, 128, 512]
     with pytest.raises(ConfigError, match=r"neck\.in_channels"):
         build_model(config)

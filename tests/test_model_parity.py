@@ -1,8 +1,7 @@
-"""The tiny Co-DINO reproduces the independent reference (tests/data/README.md tolerances)."""
+"""The tiny Co-DINO reproduces the independent reference (bounds: docs/model.md §10)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -14,9 +13,8 @@ TIE = 1e-5
 
 
 @pytest.fixture(scope="module")
-def model(data_dir: Path) -> torch.nn.Module:
-    config = json.loads((data_dir / "tiny_config.json").read_text())
-    return build_model(config, data_dir / "tiny_codino.pth")
+def model(data_dir: Path, tiny_config) -> torch.nn.Module:
+    return build_model(tiny_config, data_dir / "tiny_codino.pth")
 
 
 @pytest.fixture(scope="module")

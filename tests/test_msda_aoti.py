@@ -11,7 +11,8 @@ pytestmark = [
     pytest.mark.skipif(
         torch.__version__ < "2.13",
         reason="aoti_load_package segfaults on torch 2.11 for every package, even one Linear "
-        "(seen on the GPU machine, shared/device/NOTES.md); loads from torch 2.13",
+        "(seen on the GPU machine's torch 2.11.0+cu130; README, The MSDA kernel); loads from "
+        "torch 2.13",
     ),
 ]
 

@@ -67,7 +67,7 @@ def _run(variant, args):
     if option is None:
         return op._kernel.ms_deform_attn_triton(*args)
     if isinstance(option, str):
-        from codetr_stream.plugin.kernel_baselines import ms_deform_attn_baseline
+        from msda_baselines import ms_deform_attn_baseline  # bench/msda_baselines.py
 
         return ms_deform_attn_baseline(*args, design=option)
     return op._kernel.ms_deform_attn_triton(*args, config=op._kernel.LaunchConfig(*option))

@@ -26,7 +26,7 @@ CASES = {
     # The FP16 engine's call: float16 values, float32 locations and weights.
     "half-values-float-locations": (2, 17, 2, 32, [(9, 5), (3, 3)], 4, "mixed"),
 }
-# name: (plugin.kernel LaunchConfig arguments, or a kernel_baselines design)
+# name: (plugin.kernel LaunchConfig arguments, or a bench/msda_baselines.py design)
 VARIANTS = {
     "lanes1": (128, 1, 4),
     "lanes2": (64, 2, 4),
@@ -45,7 +45,7 @@ def _interpret_all() -> dict[str, float]:
     """Child process: every case through every variant -> max abs error per (case, variant)."""
     import torch
     from codetr_stream.plugin.kernel import LaunchConfig, ms_deform_attn_triton
-    from codetr_stream.plugin.kernel_baselines import ms_deform_attn_baseline
+    from msda_baselines import ms_deform_attn_baseline  # bench/msda_baselines.py
     from test_msda_reference import make_inputs, msda_float64
 
     errors = {}

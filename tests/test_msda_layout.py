@@ -18,7 +18,7 @@ pytest.importorskip("triton", reason="triton is not installed (pip install -e '.
 
 @pytest.mark.parametrize(("value", "elements_per_load"), [("fp16", 8), ("bf16", 8), ("fp32", 4)])
 def test_default_launch_gives_four_lanes_a_row_and_16_byte_loads(value, elements_per_load):
-    from codetr_stream.plugin.tensorrt import compile_kernel
+    from codetr_stream.plugin.tensorrt_plugin import compile_kernel
 
     locations = "fp32" if value == "fp32" else "fp16"
     dtypes = {"value": value, "spatial_shapes": "i64", "level_start_index": "i64",

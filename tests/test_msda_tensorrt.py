@@ -20,7 +20,7 @@ NO_TENSORRT = "TensorRT is not installed (cannot be, on this project's machines)
 
 def test_aot_kernel_compiles_to_ptx_for_hopper_with_the_tensorrt_calling_convention():
     pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[kernel]')")
-    from codetr_stream.plugin.tensorrt import compile_kernel
+    from codetr_stream.plugin.tensorrt_plugin import compile_kernel
 
     compiled = compile_kernel(DTYPES, dim=32, levels=5, points=4, capability=90)
     ptx = compiled.asm["ptx"]
@@ -60,7 +60,7 @@ def test_plain_tensorrt_network_with_the_aot_plugin_matches_float64(dtype):
     """No Torch-TensorRT: the plugin in a hand-built network, batch and queries dynamic."""
     trt = pytest.importorskip("tensorrt", reason=NO_TENSORRT)
     import tensorrt.plugin as trtp
-    from codetr_stream.plugin.tensorrt import INPUTS, register_plugin
+    from codetr_stream.plugin.tensorrt_plugin import INPUTS, register_plugin
 
     register_plugin()
     shapes, heads, dim, points = [(6, 4), (3, 2)], 2, 16, 3
@@ -103,7 +103,7 @@ def test_plain_tensorrt_network_with_the_aot_plugin_matches_float64(dtype):
 def test_torch_tensorrt_converts_the_op_to_the_plugin_without_fallback():
     pytest.importorskip("tensorrt", reason=NO_TENSORRT)
     torch_tensorrt = pytest.importorskip("torch_tensorrt", reason="torch_tensorrt not installed")
-    from codetr_stream.plugin.tensorrt import register
+    from codetr_stream.plugin.tensorrt_plugin import register
 
     register()
     model = _Block(2, 8).cuda().eval()

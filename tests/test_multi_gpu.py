@@ -10,7 +10,8 @@ from collections import defaultdict
 import pytest
 import torch
 from codetr_stream.daemon import service
-from codetr_stream.daemon.config import load_config
+from codetr_stream.daemon.config.load import load_config
+from codetr_stream.daemon.demo.rtsp_server import free_port
 from daemon_helpers import tiny_model
 from fault_helpers import (
     FaultDaemon,
@@ -22,7 +23,6 @@ from fault_helpers import (
     wait_for,
     write_streams_yaml,
 )
-from rtsp_server import free_port
 from test_daemon_e2e import assert_same_detections
 
 STREAMS = 4

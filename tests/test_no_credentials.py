@@ -14,17 +14,18 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
+from codetr_stream.daemon.demo.rtsp_server import RtspServer, free_port
 from fault_helpers import (
     ENV_NAME,
     ENV_PASSWORD,
     URL_PASSWORD,
     FaultDaemon,
     FaultyCamera,
+    TcpCamera,
     assert_no_secrets,
     build_small_engine,
     wait_for,
 )
-from rtsp_server import RtspServer, TcpCamera, free_port
 
 WRONG_PASSWORD = "WrongPa55word"
 SPECIAL_PASSWORD = "p@ss:w/rd%Z9"  # percent-encoded in the URL

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from codetr_stream.daemon.pidfile import PidFileError, daemon_pid, pid_file
+from codetr_stream.daemon.system.pidfile import PidFileError, daemon_pid, pid_file
 from daemon_helpers import stand_in_daemon
 
 

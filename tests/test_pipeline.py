@@ -9,11 +9,11 @@ import av
 import numpy as np
 import pytest
 import torch
-from codetr_stream.compile.preprocess import preprocess, preprocess_batch
-from codetr_stream.daemon.batcher import Batcher, pick_batch_size
-from codetr_stream.daemon.frames import FpsCap, Frame, FrameSlots
-from codetr_stream.daemon.preprocess import Preprocessor, frame_rgb, nv12_to_rgb
-from codetr_stream.daemon.runner import Runner
+from codetr_stream.compile.model_inputs import preprocess, preprocess_batch
+from codetr_stream.daemon.pipeline.batcher import Batcher, pick_batch_size
+from codetr_stream.daemon.pipeline.frames import FpsCap, Frame, FrameSlots
+from codetr_stream.daemon.pipeline.preprocess import Preprocessor, frame_rgb, nv12_to_rgb
+from codetr_stream.daemon.pipeline.runner import Runner
 from daemon_helpers import INPUT_HW, build_tiny_engine
 
 CPU = torch.device("cpu")
@@ -60,7 +60,7 @@ def test_batcher_waits_for_all_streams_or_the_deadline() -> None:
     for name in ("a", "b", "c"):
         slots.add(name)
     batcher = Batcher(slots, [1, 2, 4], max_batch=8, max_wait_ms=300)
-    assert batcher.max_batch == 4 and batcher.batch_sizes == [1, 2, 4]
+    assert batcher.max_batch == 4  # no batch larger than the engine's largest
     stop = threading.Event()
     for name in ("a", "b", "c"):
         slots.put(make_frame(name, 0))
@@ -76,6 +76,17 @@ def test_batcher_waits_for_all_streams_or_the_deadline() -> None:
     assert len(batcher.next_batch(stop)) == 2  # c is silent: the deadline closes the batch
     assert 0.2 < time.monotonic() - started < 0.6
     assert batcher.next_batch(stop, idle_timeout=0.1) == []
+
+
+def test_batcher_never_exceeds_the_engines_largest_batch() -> None:
+    slots = FrameSlots()
+    names = [f"cam{i}" for i in range(6)]
+    for name in names:
+        slots.add(name)
+        slots.put(make_frame(name, 0))
+    batcher = Batcher(slots, [1, 2, 4], max_batch=8, max_wait_ms=300)
+    stop = threading.Event()
+    assert [len(batcher.next_batch(stop)) for _ in range(2)] == [4, 2]
 
 
 def test_pick_batch_size() -> None:
@@ -120,7 +131,7 @@ def mixed_batch() -> list[Frame]:
 
 
 def test_preprocessor_writes_the_reference_preprocessing_into_the_buffer() -> None:
-    """Batched by size, and bit for bit the per-frame reference (`compile.preprocess`)."""
+    """Batched by size, and bit for bit the per-frame reference (`compile.model_inputs`)."""
     frames = mixed_batch()
     images = torch.full((8, 3, *INPUT_HW), 7.0)
     masks = torch.ones((8, *INPUT_HW), dtype=torch.bool)

@@ -6,22 +6,21 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 from unittest import mock
 
 import pytest
 import torch
-from codetr_stream.compile.preprocess import preprocess
-from codetr_stream.daemon import postprocess
-from codetr_stream.daemon.config import load_config
-from codetr_stream.daemon.frames import Frame
-from codetr_stream.daemon.postprocess import DROP_ALL, FrameFilter, select
-from codetr_stream.daemon.preprocess import Preprocessor, frame_rgb
-from codetr_stream.daemon.runner import Runner
+from codetr_stream.compile.model_inputs import preprocess
+from codetr_stream.daemon.config.load import load_config
+from codetr_stream.daemon.demo.rtsp_server import free_port
+from codetr_stream.daemon.pipeline import postprocess
+from codetr_stream.daemon.pipeline.frames import Frame
+from codetr_stream.daemon.pipeline.postprocess import DROP_ALL, FrameFilter, select
+from codetr_stream.daemon.pipeline.preprocess import Preprocessor, frame_rgb
+from codetr_stream.daemon.pipeline.runner import Runner
 from daemon_helpers import DaemonThread, build_tiny_engine, write_config
-from rtsp_server import free_port
 
-REPLAY = Path(__file__).parent / "rtsp_replay.py"
+REPLAY = "codetr_stream.daemon.demo.rtsp_replay"
 
 
 @pytest.mark.gpu
@@ -29,7 +28,7 @@ def test_daemon_on_gpu_publishes_every_camera(tmp_path) -> None:
     import zmq
 
     engine = build_tiny_engine(tmp_path / "engine")
-    proc = subprocess.Popen([sys.executable, str(REPLAY), "--port", "0", "--size", "640x360"],
+    proc = subprocess.Popen([sys.executable, "-m", REPLAY, "--port", "0", "--size", "640x360"],
                             stdout=subprocess.PIPE, text=True)
     port = int(proc.stdout.readline().split()[1])
     endpoint = f"tcp://127.0.0.1:{free_port()}"

@@ -7,10 +7,10 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-from codetr_stream.daemon import postprocess as postprocess_module
-from codetr_stream.daemon.config import StreamConfig
-from codetr_stream.daemon.detections import COCO_CLASSES
-from codetr_stream.daemon.postprocess import (
+from codetr_stream.compile.coco_classes import COCO_CLASSES
+from codetr_stream.daemon.config.schema import StreamConfig
+from codetr_stream.daemon.pipeline import postprocess as postprocess_module
+from codetr_stream.daemon.pipeline.postprocess import (
     IOU_THRESHOLD,
     FrameFilter,
     batched_nms,

@@ -3,8 +3,6 @@ torch.export records for casts must go, or the first reduced-precision call fail
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from codetr_stream.compile import build_model
@@ -15,9 +13,9 @@ CHECK = torch.ops.aten._assert_tensor_metadata.default
 
 
 @pytest.mark.slow
-def test_fp32_program_runs_under_autocast_once_dtype_checks_are_dropped(data_dir) -> None:
-    model = build_model(json.loads((data_dir / "tiny_config.json").read_text()),
-                        data_dir / "tiny_codino.pth")
+def test_fp32_program_runs_under_autocast_once_dtype_checks_are_dropped(data_dir,
+                                                                      tiny_config) -> None:
+    model = build_model(tiny_config, data_dir / "tiny_codino.pth")
     # Seeded: torch seeds its global generator differently in every process, and this random
     # model's bfloat16 drift ranges over 0.017-0.045 across inputs (0.029 for seed 0).
     images, masks = example_inputs(1, (128, 160), "cpu", seed=0)

@@ -1,10 +1,10 @@
-"""Preprocessing follows the reference pipeline (model_facts.md section 1)."""
+"""Preprocessing follows the reference pipeline (docs/model.md §1)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from codetr_stream.compile.preprocess import (
+from codetr_stream.compile.model_inputs import (
     MEAN_RGB,
     STD_RGB,
     boxes_to_frame,
@@ -99,7 +99,7 @@ MAX_SHARE_DIFF = 1e-4
 def random_frames(device: torch.device, input_hw: tuple[int, int]) -> list:
     """Both pixel formats, upscales and downscales with awkward ratios, a pitched NV12 picture,
     a portrait frame and (4th) one frame already at the canvas size."""
-    from codetr_stream.daemon.frames import Frame
+    from codetr_stream.daemon.pipeline.frames import Frame
 
     gen = torch.Generator().manual_seed(0)
 
@@ -117,7 +117,7 @@ def fused_against_torch_ops(device: torch.device, input_hw: tuple[int, int] = (2
     """Both `Preprocessor` paths on `random_frames` (+ padding rows, + one row left alone):
     per frame row whether it is bit-equal, the largest grey-level difference and the share of
     values that differ; whether masks, padding, scales and the untouched row agree."""
-    from codetr_stream.daemon.preprocess import Preprocessor
+    from codetr_stream.daemon.pipeline.preprocess import Preprocessor
 
     frames = random_frames(device, input_hw)
     results = []

@@ -13,16 +13,16 @@ import time
 from collections import Counter
 
 import pytest
-from codetr_stream.daemon.detections import FrameResult
-from codetr_stream.daemon.procstat import sample_process
-from codetr_stream.daemon.publish import Publisher
+from codetr_stream.daemon.demo.rtsp_server import free_port
+from codetr_stream.daemon.feed.messages import FrameResult
+from codetr_stream.daemon.feed.publish import Publisher
+from codetr_stream.daemon.monitoring.procstat import sample_process
 from daemon_helpers import publishing
 from fault_helpers import Recorder, wait_for
 from hostile_peers import ZmtpPeer, subscriptions
-from rtsp_server import free_port
 
 zmq = pytest.importorskip("zmq")
-from codetr_stream.daemon.publish import detection_topic, status_topic  # noqa: E402
+from codetr_stream.daemon.feed.publish import detection_topic, status_topic  # noqa: E402
 
 PER_WORKER = 2000
 
@@ -162,7 +162,7 @@ def test_busy_port_fails_with_a_clear_error(ports) -> None:
 
 
 def test_worker_template_expands_to_every_pod() -> None:
-    from codetr_stream.daemon.proxy import expand_endpoints
+    from codetr_stream.daemon.fleet.proxy import expand_endpoints
 
     got = expand_endpoints([">tcp://codetr-stream-{index}.codetr-stream:5555",
                             "tcp://0.0.0.0:5559"], 3)
@@ -242,7 +242,7 @@ def test_a_subscription_flood_through_the_proxy_is_cut_off_before_the_workers() 
 def test_curve_end_to_end_worker_proxy_subscriber(tmp_path) -> None:
     """Worker -> proxy over CURVE (the proxy holds the worker's public key), proxy -> subscriber
     over CURVE with the proxy's own keypair: detections arrive; a plain subscriber gets none."""
-    from codetr_stream.daemon import curve
+    from codetr_stream.daemon.feed import curve
 
     worker_pub, worker_secret = curve.write_keypair(tmp_path, "worker")
     proxy_pub, proxy_secret = curve.write_keypair(tmp_path, "proxy")

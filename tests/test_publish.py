@@ -7,14 +7,14 @@ import time
 
 import pytest
 import zmq
-from codetr_stream.daemon.detections import (
+from codetr_stream.daemon.feed.messages import (
     SCHEMA_VERSION,
     Detection,
     FrameResult,
     StreamStatus,
 )
-from codetr_stream.daemon.publish import Publisher
-from codetr_stream.daemon.subscribe import Subscription
+from codetr_stream.daemon.feed.publish import Publisher
+from codetr_stream.daemon.feed.subscribe import Subscription
 
 
 def frame(stream: str, index: int, detections: int = 2) -> FrameResult:

@@ -10,23 +10,21 @@ once. Killing one worker silences exactly its cameras, and restarting it brings 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
 import zmq
-from codetr_stream.daemon.shard import owner
+from codetr_stream.daemon.demo.rtsp_server import RtspServer, free_port
+from codetr_stream.daemon.fleet.shard import owner
 from daemon_helpers import build_tiny_engine, write_config
-from rtsp_server import RtspServer, free_port
+from workers import CLI, Worker, subscriber  # bench/workers.py
 
 REPLICAS = 3
 PER_WORKER = 2
-CLI = [sys.executable, "-m", "codetr_stream.daemon.cli"]
 
 
 def camera_names(replicas: int = REPLICAS, per_worker: int = PER_WORKER) -> dict[int, list[str]]:
@@ -40,48 +38,6 @@ def camera_names(replicas: int = REPLICAS, per_worker: int = PER_WORKER) -> dict
         if all(len(picked[w]) == per_worker for w in range(replicas)):
             return dict(picked)
     raise AssertionError("the hash never filled every worker")
-
-
-class Worker:
-    """One worker process; all of them share the camera list, each has its own ports. `env`
-    adds to the environment (e.g. CUDA_VISIBLE_DEVICES to pin it to one GPU)."""
-
-    def __init__(self, index: int, config: Path, endpoint: str, log: Path, *,
-                 replicas: int = REPLICAS, env: dict[str, str] | None = None) -> None:
-        self.index, self.config, self.endpoint, self.log = index, config, endpoint, log
-        self.replicas, self.env = replicas, env or {}
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> Worker:
-        env = {**os.environ, "OMP_NUM_THREADS": "1",  # three workers share two cores
-               "CODETR_SHARD_INDEX": str(self.index),
-               "CODETR_SHARD_REPLICAS": str(self.replicas), **self.env}
-        with self.log.open("a") as log:
-            self.proc = subprocess.Popen([*CLI, "run", "--config", str(self.config)], env=env,
-                                         stdout=log, stderr=subprocess.STDOUT)
-        return self
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def subscriber(context: zmq.Context, endpoint: str) -> zmq.Socket:
-    sub = context.socket(zmq.SUB)
-    sub.setsockopt(zmq.LINGER, 0)
-    sub.setsockopt(zmq.RCVHWM, 100_000)
-    sub.setsockopt(zmq.SUBSCRIBE, b"det.")
-    sub.connect(endpoint)
-    return sub
 
 
 def receive(sub: zmq.Socket, until, timeout: float, logs: list[Path]) -> dict[str, list[dict]]:
@@ -138,7 +94,8 @@ def test_sharded_workers_behind_the_proxy_survive_a_worker_restart(tmp_path) -> 
             endpoint = f"tcp://127.0.0.1:{free_port()}"
             config = write_config(tmp_path / f"worker{i}.yaml", engine,
                                   {name: srv.url(name) for name in everyone}, endpoint=endpoint)
-            workers.append(Worker(i, config, endpoint, tmp_path / f"worker{i}.log"))
+            workers.append(Worker(i, config, endpoint, tmp_path / f"worker{i}.log",
+                                  replicas=REPLICAS))
         logs = [w.log for w in workers]
         front = f"tcp://127.0.0.1:{free_port()}"
         proxy = subprocess.Popen([*CLI, "proxy", "--frontend", front,

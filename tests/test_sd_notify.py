@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from codetr_stream.daemon import systemd
-from rtsp_server import free_port
+from codetr_stream.daemon.demo.rtsp_server import free_port
+from codetr_stream.daemon.system import systemd
 
 
 class Receiver:
@@ -92,7 +92,7 @@ def test_a_vanished_socket_is_not_fatal(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 def test_a_child_process_notifies_like_the_service(tmp_path: Path, receiver: Receiver) -> None:
-    code = "from codetr_stream.daemon import systemd; systemd.ready('up')"
+    code = "from codetr_stream.daemon.system import systemd; systemd.ready('up')"
     subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ), timeout=60)
     assert receiver.messages() == ["READY=1", "STATUS=up"]
 

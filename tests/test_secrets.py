@@ -9,8 +9,8 @@ import os
 from pathlib import Path
 
 import pytest
-from codetr_stream.daemon import secrets
-from codetr_stream.daemon.secrets import SecretError, redact, redact_text, shown, substitute
+from codetr_stream.daemon.config import secrets
+from codetr_stream.daemon.config.secrets import SecretError, redact, redact_text, shown, substitute
 
 SECRET = "Xy7-SECRET"
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from codetr_stream.daemon.shard import (
+from codetr_stream.daemon.fleet.shard import (
     ENV_INDEX,
     ENV_REPLICAS,
     Shard,
@@ -32,7 +32,7 @@ def test_every_camera_has_exactly_one_worker(replicas: int) -> None:
 def test_workers_in_other_processes_agree() -> None:
     """Python's hash() is salted per process; the assignment must not be."""
     code = (
-        "import json, sys; from codetr_stream.daemon.shard import assignment;"
+        "import json, sys; from codetr_stream.daemon.fleet.shard import assignment;"
         "print(json.dumps(assignment(json.loads(sys.stdin.read()), 7)))"
     )
     answers = set()
@@ -104,7 +104,7 @@ def write_config(path, names: list[str]) -> None:
 
 
 def test_restricted_configs_partition_the_streams(tmp_path) -> None:
-    from codetr_stream.daemon.config import load_config
+    from codetr_stream.daemon.config.load import load_config
 
     write_config(tmp_path / "streams.yaml", NAMES[:60])
     config = load_config(tmp_path / "streams.yaml")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import zmq
+from codetr_stream.daemon.demo.rtsp_server import free_port
 from fault_helpers import (
     ENV_NAME,
     ENV_PASSWORD,
@@ -23,6 +24,7 @@ from fault_helpers import (
     FaultDaemon,
     FaultyCamera,
     Recorder,
+    TcpCamera,
     assert_no_secrets,
     build_small_engine,
     max_gap,
@@ -30,7 +32,6 @@ from fault_helpers import (
     wait_for,
     write_streams_yaml,
 )
-from rtsp_server import TcpCamera, free_port
 
 # Threads the tests themselves run (cameras, recorder), not the daemon's.
 TEST_THREADS = ("faulty-", "recorder", "(stream)", "(serve)", "(_accept)", "(_talk)")

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from codetr_stream.daemon.frames import FrameSlots
-from codetr_stream.daemon.metrics import Metrics
-from codetr_stream.daemon.source import Backoff, Source, SourceSettings
+from codetr_stream.daemon.demo.rtsp_server import RtspServer
+from codetr_stream.daemon.monitoring.metrics import Metrics
+from codetr_stream.daemon.pipeline.frames import FrameSlots
+from codetr_stream.daemon.pipeline.source import Backoff, Source, SourceSettings
 from fault_helpers import FaultyCamera, wait_for
-from rtsp_server import RtspServer
 
 CPU = torch.device("cpu")
 
@@ -253,7 +253,7 @@ def test_a_file_plays_at_its_frame_rate_and_loops_after_the_backoff(collector, t
     decodes), the next starts after the backoff, and replays are not logged above DEBUG (it
     was a tight loop of 2 lines a play). Judged by each received frame's timestamp against when
     it was decoded, so frames the slot replaced on a loaded machine do not matter."""
-    caplog.set_level(logging.INFO, logger="codetr_stream.daemon.source")
+    caplog.set_level(logging.INFO, logger="codetr_stream.daemon.pipeline.source")
     clip = write_clip(tmp_path / "clip.mp4", frames=10, fps=10)
     source = collector.add("clip", f"file://{clip}", backoff=Backoff(0.4, 0.4, 1.0, 0.0))
     collector.drain(30, until=lambda c: source.stats.reconnects >= 3)

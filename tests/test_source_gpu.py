@@ -5,19 +5,18 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from codetr_stream.daemon.decode import CpuDecoder, NvdecDecoder
-from codetr_stream.daemon.preprocess import nv12_to_rgb
+from codetr_stream.daemon.pipeline.decode import CpuDecoder, NvdecDecoder
+from codetr_stream.daemon.pipeline.preprocess import nv12_to_rgb
 
-REPLAY = Path(__file__).parent / "rtsp_replay.py"
+REPLAY = "codetr_stream.daemon.demo.rtsp_replay"
 
 
 @pytest.fixture
 def camera_url():
-    proc = subprocess.Popen([sys.executable, str(REPLAY), "--port", "0", "--size", "640x360",
+    proc = subprocess.Popen([sys.executable, "-m", REPLAY, "--port", "0", "--size", "640x360",
                              "--seconds", "4"], stdout=subprocess.PIPE, text=True)
     port = int(proc.stdout.readline().split()[1])
     yield f"rtsp://127.0.0.1:{port}/cam"

@@ -10,9 +10,9 @@ import time
 import pytest
 import zmq
 from cli_helpers import interrupt
-from codetr_stream.daemon import curve
-from codetr_stream.daemon.detections import FrameResult, StreamStatus
-from codetr_stream.daemon.publish import Publisher
+from codetr_stream.daemon.feed import curve
+from codetr_stream.daemon.feed.messages import FrameResult, StreamStatus
+from codetr_stream.daemon.feed.publish import Publisher
 from daemon_helpers import publishing
 
 CLI = [sys.executable, "-m", "codetr_stream.daemon.cli", "subscribe"]

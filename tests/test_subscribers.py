@@ -13,11 +13,11 @@ import time
 from collections.abc import Callable
 
 import pytest
-from codetr_stream.daemon.detections import FrameResult
-from codetr_stream.daemon.procstat import sample_process
-from codetr_stream.daemon.publish import Publisher
-from codetr_stream.daemon.subscribe import Subscription
-from codetr_stream.daemon.subscribers import SUBSCRIPTION_MAX_BYTES, PeerLimits
+from codetr_stream.daemon.feed.messages import FrameResult
+from codetr_stream.daemon.feed.publish import Publisher
+from codetr_stream.daemon.feed.subscribe import Subscription
+from codetr_stream.daemon.feed.subscribers import SUBSCRIPTION_MAX_BYTES, PeerLimits
+from codetr_stream.daemon.monitoring.procstat import sample_process
 from daemon_helpers import publishing
 from fault_helpers import Recorder, wait_for
 from hostile_peers import ZmtpPeer, subscriptions

@@ -94,8 +94,8 @@ def test_unit_is_confined_to_its_state_cache_and_the_gpu() -> None:
 def test_unit_caps_files_tasks_and_memory_with_room_for_the_fd_budget() -> None:
     """LimitNOFILE covers the fd budget the daemon computes for a large site (500 cameras,
     default limits); TasksMax and MemoryMax are set (the unit's comment says how to size them)."""
-    from codetr_stream.daemon import fd_budget
-    from codetr_stream.daemon.config import DaemonConfig
+    from codetr_stream.daemon.config.schema import DaemonConfig
+    from codetr_stream.daemon.system import fd_budget
 
     settings = _settings(UNIT)
     site = DaemonConfig.model_validate({

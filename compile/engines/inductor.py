@@ -37,8 +37,8 @@ from torch import Tensor, nn
 log = logging.getLogger(__name__)
 
 CACHE_FILE = "inductor_cache.bin"
-# torch builds whose `aoti_load_package` crashes the process for any package (seen 2026-11-26 on
-# the GPU machine, torch 2.11.0+cu130, CPU and CUDA, even a single Linear layer).
+# torch builds whose `aoti_load_package` crashes the process for any package (the GPU machine's
+# torch 2.11.0+cu130, on CPU and CUDA, even a single Linear layer: README, "The MSDA kernel").
 AOTI_BROKEN_TORCH = ("2.11.",)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 BACKENDS = ("eager", "inductor", "tensorrt")
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp16", "fp32")
 
 
 class ManifestError(ValueError):

@@ -10,20 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from codetr_stream.compile.boxes import box_iou
 from codetr_stream.compile.export import example_inputs
 from torch import Tensor, nn
 
 MATCH_IOU = 0.9
-
-
-def box_iou(a: Tensor, b: Tensor) -> Tensor:
-    """(N,4) x (M,4) xyxy -> (N,M) IoU."""
-    lt = torch.maximum(a[:, None, :2], b[None, :, :2])
-    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = (rb - lt).clamp(min=0).prod(-1)
-    area_a = (a[:, 2:] - a[:, :2]).clamp(min=0).prod(-1)
-    area_b = (b[:, 2:] - b[:, :2]).clamp(min=0).prod(-1)
-    return inter / (area_a[:, None] + area_b[None] - inter).clamp(min=1e-9)
 
 
 def compare(reference: tuple[Tensor, Tensor, Tensor], test: tuple[Tensor, Tensor, Tensor],

@@ -3,7 +3,7 @@
 Build (needs torch_tensorrt): one static-shape program per batch size goes through
 `torch_tensorrt.dynamo.convert_exported_program_to_serialized_trt_engine`, which turns the whole
 graph into ONE engine or fails: there is no PyTorch fallback segment to hide an unsupported op.
-MSDA reaches TensorRT through the AOT plugin of `codetr_stream.plugin.tensorrt` (its
+MSDA reaches TensorRT through the AOT plugin of `codetr_stream.plugin.tensorrt_plugin` (its
 `register()` runs before the build). FP16: the program is exported with FP16 matrix weights
 under autocast (precision.py), so the network is strongly typed the way the PyTorch engines run;
 older Torch-TensorRT without explicit typing gets `enabled_precisions` instead.
@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
 
-PLUGIN_MODULE = "codetr_stream.plugin.tensorrt"
+PLUGIN_MODULE = "codetr_stream.plugin.tensorrt_plugin"
 
 
 class TensorRTUnavailable(RuntimeError):

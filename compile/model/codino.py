@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-from codetr_stream.compile.configs import CoDinoConfig
 from codetr_stream.compile.model.head import CoDINOHead
 from codetr_stream.compile.model.neck import ChannelMapper
 from codetr_stream.compile.model.swin import SwinTransformer
+from codetr_stream.compile.model_config import CoDinoConfig
 from torch import Tensor, nn
 
 

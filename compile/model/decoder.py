@@ -2,16 +2,16 @@
 
 Each layer's positional query is recomputed from its current reference box; after each layer
 (the last included) `reg_branches[k]` refines the reference in sigmoid space. The head needs the
-reference from BEFORE the last refinement (model_facts.md section 8), so it is returned too.
+reference from BEFORE the last refinement (docs/model.md §8), so it is returned too.
 """
 
 from __future__ import annotations
 
 import torch
-from codetr_stream.compile.configs import TransformerConfig
 from codetr_stream.compile.model.deformable import MultiScaleDeformableAttention
 from codetr_stream.compile.model.ffn import FFN
 from codetr_stream.compile.model.position import box_sine_embedding
+from codetr_stream.compile.model_config import TransformerConfig
 from torch import Tensor, nn
 
 
@@ -40,8 +40,9 @@ class DecoderLayer(nn.Module):
         super().__init__()
         d = cfg.embed_dims
         self.attentions = nn.ModuleList([
-            SelfAttention(d, cfg.self_attn_heads),
-            MultiScaleDeformableAttention(d, cfg.msda_heads, cfg.num_levels, cfg.msda_points),
+            SelfAttention(d, cfg.decoder_self_attn_heads),
+            MultiScaleDeformableAttention(d, cfg.msda_heads, cfg.num_feature_levels,
+                                          cfg.msda_points),
         ])
         self.ffns = nn.ModuleList([FFN(d, cfg.ffn_channels, nn.ReLU)])
         self.norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(3))

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-from codetr_stream.compile.configs import TransformerConfig
 from codetr_stream.compile.model.deformable import MultiScaleDeformableAttention
 from codetr_stream.compile.model.ffn import FFN
+from codetr_stream.compile.model_config import TransformerConfig
 from torch import Tensor, nn
 
 
@@ -39,7 +39,7 @@ class EncoderLayer(nn.Module):
         super().__init__()
         d = cfg.embed_dims
         self.attentions = nn.ModuleList([MultiScaleDeformableAttention(
-            d, cfg.msda_heads, cfg.num_levels, cfg.msda_points)])
+            d, cfg.msda_heads, cfg.num_feature_levels, cfg.msda_points)])
         self.ffns = nn.ModuleList([FFN(d, cfg.ffn_channels, nn.ReLU)])
         self.norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(2))
 

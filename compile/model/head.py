@@ -7,12 +7,12 @@ last for two-stage selection. `downsample` is training-only (auxiliary heads) an
 
 from __future__ import annotations
 
-from codetr_stream.compile.configs import HeadConfig, TransformerConfig
 from codetr_stream.compile.model.decoder import inverse_sigmoid
 from codetr_stream.compile.model.masks import level_masks
 from codetr_stream.compile.model.position import SinePositionalEncoding
-from codetr_stream.compile.model.postprocess import topk_detections
+from codetr_stream.compile.model.topk import topk_detections
 from codetr_stream.compile.model.transformer import CoDinoTransformer
+from codetr_stream.compile.model_config import HeadConfig, TransformerConfig
 from torch import Tensor, nn
 
 

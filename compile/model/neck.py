@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from codetr_stream.compile.configs import NeckConfig
+from codetr_stream.compile.model_config import NeckConfig
 from torch import Tensor, nn
 
 

@@ -1,6 +1,6 @@
 """Two-stage query selection: score every encoder token as a box proposal, keep the top Q.
 
-Validity follows official mmdet (model_facts.md section 6): a proposal counts only if all four
+Validity follows official mmdet (docs/model.md §6): a proposal counts only if all four
 sigmoid-space values lie strictly in (0.01, 0.99) and its token is not padding. Proposals are
 formed in float32 whatever the feature dtype, because the 0.01 boundary is hit exactly at some
 sizes (0.5 / 50) and fp16 rounding would flip it.

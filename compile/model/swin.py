@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from codetr_stream.compile.configs import SwinConfig
 from codetr_stream.compile.model.ffn import FFN
+from codetr_stream.compile.model_config import SwinConfig
 from codetr_stream.plugin.window_attention import window_attention
 from torch import Tensor, nn
 

@@ -7,11 +7,11 @@ equal the official checkpoint's.
 from __future__ import annotations
 
 import torch
-from codetr_stream.compile.configs import TransformerConfig
 from codetr_stream.compile.model.decoder import CoDinoDecoder
 from codetr_stream.compile.model.encoder import DeformableEncoder
 from codetr_stream.compile.model.masks import valid_ratios
 from codetr_stream.compile.model.query_selection import encoder_proposals, select_queries
+from codetr_stream.compile.model_config import TransformerConfig
 from torch import Tensor, nn
 
 
@@ -20,7 +20,7 @@ class CoDinoTransformer(nn.Module):
         super().__init__()
         d = cfg.embed_dims
         self.num_query = num_query
-        self.level_embeds = nn.Parameter(torch.empty(cfg.num_levels, d))
+        self.level_embeds = nn.Parameter(torch.empty(cfg.num_feature_levels, d))
         self.encoder = DeformableEncoder(cfg)
         self.decoder = CoDinoDecoder(cfg)
         self.enc_output = nn.Linear(d, d)

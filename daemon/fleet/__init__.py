@@ -1,0 +1,2 @@
+"""Scale-out: cameras sharded over worker processes by rendezvous hashing, and the proxy that
+joins the workers' feeds into one endpoint."""
