@@ -8,6 +8,14 @@ import subprocess
 import time
 
 
+def default_sigint() -> None:
+    """`Popen(preexec_fn=default_sigint)` for a process the test Ctrl-Cs: SIGINT back to its
+    default in the child. A suite started as a background job of a script (bash ignores SIGINT
+    for `&` jobs without job control) passes that on, and a Python started with SIGINT ignored
+    never raises KeyboardInterrupt: the test would wait for an exit that cannot come."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def interrupt(proc: subprocess.Popen, *, group: bool = False,
               timeout: float = 60) -> tuple[int, float]:
     """Send SIGINT (to the process group, as a terminal's Ctrl-C does, when `group`; the process

@@ -358,14 +358,14 @@ def test_run_with_a_port_in_use_refuses_in_one_line(tmp_path: Path, taken: str) 
 
 @pytest.mark.slow
 def test_ctrl_c_while_run_loads_the_engine_exits_at_once(tmp_path: Path) -> None:
-    from cli_helpers import interrupt
+    from cli_helpers import default_sigint, interrupt
     from daemon_helpers import build_tiny_engine
 
     engine = build_tiny_engine(tmp_path / "engine")
     path = write(tmp_path, f"engine: {{path: {engine}, device: cpu}}\n"
                  'publish: {endpoint: "tcp://127.0.0.1:0"}\nhealth: {port: 0}\nstreams: []\n')
     daemon = subprocess.Popen([*CLI, "run", "--config", str(path)], stderr=subprocess.PIPE,
-                              text=True)
+                              text=True, preexec_fn=default_sigint)
     for line in daemon.stderr:
         if "loading engine" in line:
             break

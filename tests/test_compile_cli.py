@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import interrupt
+from cli_helpers import default_sigint, interrupt
 
 TINY = ["--config", "tests/data/tiny_config.json"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,7 +161,7 @@ def test_ctrl_c_during_the_inductor_build_exits_at_once_and_removes_out(tmp_path
         [sys.executable, "-m", "codetr_stream.daemon.cli", "compile", *TINY, "--random-weights",
          "--backend", "inductor", "--precision", "fp32", "--size", "160x128", "--batch", "1",
          "--device", "cpu", "--out", str(out_dir)],
-        cwd=ROOT, stderr=subprocess.PIPE, start_new_session=True,
+        cwd=ROOT, stderr=subprocess.PIPE, start_new_session=True, preexec_fn=default_sigint,
         env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor-cache")})
     seen = threading.Event()
     lines: list[str] = []

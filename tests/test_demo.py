@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cli_helpers import interrupt
+from cli_helpers import default_sigint, interrupt
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,7 +21,7 @@ def test_demo_without_gstreamer_runs_until_ctrl_c(tmp_path: Path) -> None:
     env = {**os.environ, "CODETR_GST_PYTHON": sys.executable}  # a Python without GObject
     proc = subprocess.Popen([sys.executable, "-m", "codetr_stream.daemon.demo", "--seconds", "0"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, start_new_session=True)
+                            env=env, start_new_session=True, preexec_fn=default_sigint)
     out: list[str] = []
     sizes = {"cam1": "320x240", "cam2": "352x288"}
     seen: set[str] = set()

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import zmq
-from cli_helpers import interrupt
+from cli_helpers import default_sigint, interrupt
 from codetr_stream.daemon.feed import curve
 from codetr_stream.daemon.feed.messages import FrameResult, StreamStatus
 from codetr_stream.daemon.feed.publish import Publisher
@@ -107,7 +107,8 @@ def test_ctrl_c_while_waiting_exits_at_once() -> None:
     with zmq.Context.instance().socket(zmq.XPUB) as xpub:  # sees the subscription arrive
         port = xpub.bind_to_random_port("tcp://127.0.0.1")
         proc = subprocess.Popen([*CLI, "--endpoint", f"tcp://127.0.0.1:{port}"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=default_sigint)
         if xpub.poll(60_000):
             assert xpub.recv() == b"\x01det."  # now it waits for messages, in ZeroMQ's poll
         code, took = interrupt(proc)

@@ -71,7 +71,9 @@ def test_a_subscription_flood_is_cut_off_at_the_limit(size: int) -> None:
         finally:
             good.stop()
     assert grown < 64, f"RSS grew {grown:.0f} MB"
-    assert max(took) < 0.5, f"a publish call took {max(took):.2f} s"
+    # A stall is what this guards against (~29 s when the flooding peer left, before the limits);
+    # under a CPU-heavy neighbour on 2 cores, GIL hand-offs alone delayed one call by 0.7 s.
+    assert max(took) < 2.0, f"a publish call took {max(took):.2f} s"
     seqs = [m.payload["seq"] for m in good.det("cam1")]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "the good subscriber lost messages"
 
