@@ -7,8 +7,10 @@ Window attention (unshifted and shifted block of each stage):
 - "sdpa+copies": the previous engine's path (plugin/window_attention.windowed_sdpa): pad, roll,
   window copies, fused SDPA (cuDNN on H100/H200) with the (windows*heads, N, N) mask precomputed
   as the engine's fold-masks pass did, copies back; compiled by Inductor.
-- "kernel mM-nN-wW": the Triton op (plugin/window_kernel.py) at each launch shape (BLOCK_M
-  queries, BLOCK_N keys a step, W warps).
+- "online m32-n32-w2": the op's previous kernel (bench/window_baselines.py) at its shipped
+  launch: a program per 32 queries, online softmax over 32 keys a step.
+- "kernel mM-gG-wW-sS": the Triton op (plugin/window_kernel.py) at each launch shape (G blocks
+  of M queries a program, which loads the window's keys once, W warps, S pipeline stages).
 MLP first layer + GELU:
 - "inductor": `gelu(linear(x))` compiled by Inductor (a cuBLAS GEMM, then a GELU pass).
 - "gelu-epilogue": the engine pass's `linear_gelu` (one cuBLASLt GEMM, GELU's tanh form).
@@ -37,14 +39,15 @@ from codetr_stream.plugin.window_attention import (
 from codetr_stream.plugin.window_kernel import WindowLaunch, window_attention_triton
 from engine import median_ms, write_results  # bench/engine.py (this folder is on sys.path)
 from torch import Tensor
+from window_baselines import window_attention_baseline
 
 SECTION = "## Swin block pieces (bench/swin_block.py)"
 # Swin-L at 1152x768: (token rows, token columns, channels, heads) per stage.
 STAGES = {1: (192, 288, 192, 6), 2: (96, 144, 384, 12), 3: (48, 72, 768, 24),
           4: (24, 36, 1536, 48)}
 WINDOW, SHIFT = 12, 6
-LAUNCHES = ["16-16-1", "16-16-2", "16-32-2", "16-64-4", "32-32-2", "32-32-4", "32-64-4",
-            "64-32-4", "64-64-4", "64-64-8"]
+LAUNCHES = ["32-5-2-2", "32-5-2-3", "32-5-1-2", "32-3-2-2", "64-3-4-2", "64-3-4-3", "16-9-1-2",
+            "16-9-1-3", "128-2-8-2"]
 
 
 def graphed(fn: Callable[[], Tensor]) -> tuple[Callable[[], None], Tensor]:
@@ -78,7 +81,8 @@ def measure(name: str, fn: Callable[[], Tensor], reference: Tensor,
     return out
 
 
-def attention_rows(stage: int, shift: int, batch: int, launches: list[str]) -> list[dict]:
+def attention_rows(stage: int, shift: int, batch: int, launches: list[str],
+                   sdpa: bool = True) -> list[dict]:
     height, width, channels, heads = STAGES[stage]
     torch._dynamo.reset()  # a fresh compile per shape, not dynamo's recompile limit
     g = torch.Generator(device="cuda").manual_seed(stage * 10 + shift)
@@ -92,10 +96,16 @@ def attention_rows(stage: int, shift: int, batch: int, launches: list[str]) -> l
     mask = window_mask(bias, height, width, WINDOW, shift)  # sizes divide: no padding here
     compiled = torch.compile(windowed_sdpa, fullgraph=True, dynamic=False)
     row = {"piece": "window attention", "stage": stage, "shift": shift, "batch": batch}
-    rows = [measure("sdpa+copies", lambda: compiled(qkv, mask, fill, *args), reference, row)]
+    rows = []
+    if sdpa:
+        rows.append(measure("sdpa+copies", lambda: compiled(qkv, mask, fill, *args), reference,
+                            row))
+    rows.append(measure("online m32-n32-w2",
+                        lambda: window_attention_baseline(qkv, bias, fill, *args), reference, row))
     for launch in launches:
         shape = WindowLaunch(*(int(v) for v in launch.split("-")))
-        rows.append(measure(f"kernel m{shape.block_m}-n{shape.block_n}-w{shape.num_warps}",
+        name = f"m{shape.block_m}-g{shape.group}-w{shape.num_warps}-s{shape.num_stages}"
+        rows.append(measure(f"kernel {name}",
                             lambda shape=shape: window_attention_triton(qkv, bias, fill, *args,
                                                                         launch=shape),
                             reference, row))
@@ -145,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stages", default="1,2,3,4")
     p.add_argument("--sweep-stages", default="1,3",
                    help="stages that time every launch shape (the others: the default only)")
+    p.add_argument("--kernels-only", action="store_true",
+                   help="window attention's Triton kernels alone: no SDPA path, no fc1 + GELU")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--results", type=Path, default=None, help="RESULTS.md to write a section to")
     args = p.parse_args(argv)
@@ -152,15 +164,18 @@ def main(argv: list[str] | None = None) -> int:
         print("bench/swin_block.py needs a CUDA GPU", file=sys.stderr)
         return 2
     default = WindowLaunch()
-    default_launch = f"{default.block_m}-{default.block_n}-{default.num_warps}"
+    default_launch = "-".join(str(v) for v in (default.block_m, default.group, default.num_warps,
+                                               default.num_stages))
     sweep = {int(s) for s in args.sweep_stages.split(",")}
     rows: list[dict] = []
     for batch in (int(b) for b in args.batches.split(",")):
         for stage in (int(s) for s in args.stages.split(",")):
             for shift in (0, SHIFT):
                 rows += attention_rows(stage, shift, batch,
-                                       LAUNCHES if stage in sweep else [default_launch])
-            rows += gelu_rows(stage, batch)
+                                       LAUNCHES if stage in sweep else [default_launch],
+                                       sdpa=not args.kernels_only)
+            if not args.kernels_only:
+                rows += gelu_rows(stage, batch)
     command = "python bench/swin_block.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = "\n".join([
         SECTION, "", f"{torch.cuda.get_device_name()}, torch {torch.__version__}, "

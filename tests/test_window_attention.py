@@ -18,8 +18,9 @@ from torch import nn
 from window_cases import CASES, make_inputs, window_attention_float64
 
 OP = torch.ops.codetr.window_attention.default
-# name: (block_m, block_n, num_warps); the first is the op's default launch
-LAUNCHES = {"m32n32": (32, 32, 2), "m16n16": (16, 16, 1), "m64n32": (64, 32, 4)}
+# name: (block_m, group, num_warps, num_stages); the first is the op's default launch
+LAUNCHES = {"m32g5": (32, 5, 2, 2), "m64g3": (64, 3, 4, 3), "m16g9": (16, 9, 1, 3),
+            "m16g3": (16, 3, 2, 2), "m16g1": (16, 1, 4, 1), "m128g2": (128, 2, 8, 2)}
 
 
 def _args(case: str, dtype: torch.dtype) -> tuple:
@@ -122,10 +123,13 @@ def test_kernel_matches_float64_formula(interpreted_errors, case, dtype, launch)
 @pytest.mark.parametrize(("stage", "shift"), [(1, 0), (1, 6), (3, 6), (4, 6)])
 def test_kernel_matches_reference_at_swin_l_shapes(stage: int, shift: int,
                                                    dtype: torch.dtype) -> None:
-    """The kernel against the float64 formula at Swin-L's 1152x768 stages (and the torch-ops
-    reference on the same GPU, which must agree as closely)."""
+    """The op (its default launch) and the kernel at every launch of LAUNCHES against the
+    float64 formula at Swin-L's 1152x768 stages (and the torch-ops reference on the same GPU,
+    which must agree as closely)."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
+    from codetr_stream.plugin.window_kernel import WindowLaunch, window_attention_triton
+
     height, width, heads = {1: (192, 288, 6), 3: (48, 72, 24), 4: (24, 36, 48)}[stage]
     qkv, bias, fill = make_inputs(2, height, width, heads, 32, 12, True, dtype, "cuda")
     args = (qkv, bias, fill, height, width, 12, shift, 32 ** -0.5)
@@ -133,6 +137,9 @@ def test_kernel_matches_reference_at_swin_l_shapes(stage: int, shift: int,
     want = window_attention_float64(*args)
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2
     assert (got.double().cpu() - want).abs().max().item() <= tolerance
+    for launch in LAUNCHES.values():
+        got = window_attention_triton(*args, launch=WindowLaunch(*launch))
+        assert (got.double().cpu() - want).abs().max().item() <= tolerance, launch
     reference = window_attention_reference(*args).double().cpu()
     assert (reference - want).abs().max().item() <= tolerance
 
