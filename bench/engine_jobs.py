@@ -138,10 +138,15 @@ def reset_peak(device: torch.device) -> None:
 
 
 def config_dict(config: str) -> dict[str, Any]:
-    """A built-in config name or a JSON file, as the dict the engine manifest records."""
+    """A built-in config name or a JSON file, as the dict the engine manifest records. The
+    built-ins moved in the redesign; a `--baseline-code` release from before it has them in
+    `compile.configs`."""
     import json
 
-    from codetr_stream.compile.model_config import BUILTIN
+    try:
+        from codetr_stream.compile.model_config import BUILTIN
+    except ImportError:
+        from codetr_stream.compile.configs import BUILTIN
 
     return BUILTIN[config]() if config in BUILTIN else json.loads(Path(config).read_text())
 
