@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +18,31 @@ TESTS = Path(__file__).parent
 BENCH = TESTS.parent / "bench"  # the benchmark's baseline kernels are tested too
 
 
-def run_interpreted(module: str, function: str, timeout: float = 600) -> Any:
-    """`module.function()` (a module in tests/) under the interpreter -> its JSON result."""
+def run_interpreted(module: str, function: str, parts: Sequence[object] = (),
+                    timeout: float = 600) -> Any:
+    """`module.function()` (a module in tests/) under the interpreter -> its JSON result.
+
+    With `parts`, `module.function(part)` runs for every part, in children of their own at the
+    same time (the interpreter is CPU-bound and single-threaded: a 2-core machine halves a
+    sweep), and their results, dicts, are merged.
+    """
     path = os.pathsep.join(filter(None, [str(TESTS), str(BENCH), os.environ.get("PYTHONPATH")]))
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)
-    code = f"import json, {module} as m; print(json.dumps(m.{function}()))"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            env=env, timeout=timeout, cwd=TESTS)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    calls = [f"m.{function}({part!r})" for part in parts] or [f"m.{function}()"]
+    children = [subprocess.Popen(
+        [sys.executable, "-c", f"import json, {module} as m; print(json.dumps({call}))"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=TESTS)
+        for call in calls]
+    results = []
+    try:
+        for child in children:
+            stdout, stderr = child.communicate(timeout=timeout)
+            assert child.returncode == 0, stderr[-4000:]
+            results.append(json.loads(stdout.strip().splitlines()[-1]))
+    finally:
+        for child in children:
+            child.kill()
+            child.wait()
+    if not parts:
+        return results[0]
+    return {key: value for result in results for key, value in result.items()}
