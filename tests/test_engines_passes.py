@@ -21,7 +21,7 @@ from codetr_stream.compile.export import example_inputs, export_for_batches
 from torch import nn
 
 HW = (128, 160)
-PASSES = ["fold-masks", "linear-relu", "linear-gelu"]
+PASSES = ["fold-masks", "linear-relu", "linear-gelu", "merge-linears", "round-norms"]
 
 
 @pytest.fixture(scope="module")
@@ -53,14 +53,19 @@ def test_passes_keep_fp32_outputs_identical_at_every_batch(
         program: torch.export.ExportedProgram) -> None:
     before = program.module()
     after = copy.deepcopy(before)
+    # The tiny model's MSDA offsets + weights (2 encoder, 2 decoder layers) and its decoder
+    # value projections make 5 merged GEMMs; norms are rounded in reduced precision only.
     assert apply_passes(after, PASSES, None) == {"fold-masks": 5, "linear-relu": 14,
-                                                 "linear-gelu": 5}
+                                                 "linear-gelu": 5, "merge-linears": 5,
+                                                 "round-norms": 0}
     biases = [n.args[1] for n in after.graph.nodes if n.target is WINDOW_ATTENTION]
     assert len(biases) == 5 and all(b.op == "get_attr" for b in biases)
     kinds = _targets(after)
     assert torch.ops.aten.index.Tensor not in kinds  # no bias-table gather left
     assert torch.ops.aten.relu.default not in kinds
     assert torch.ops.aten.gelu.default not in kinds
+    shared = [n.args[0] for n in after.graph.nodes if n.target is torch.ops.aten.linear.default]
+    assert len(shared) == len(set(shared))  # no two linears read one tensor any more
     for batch in (1, 2):
         with torch.no_grad():
             _assert_same(after(*_inputs(batch)), before(*_inputs(batch)))
@@ -73,11 +78,34 @@ def test_passes_under_autocast_store_and_compute_the_low_precision_values(
     compute dtype and the fused GEMMs get autocast's casts, so nothing changes."""
     before = drop_dtype_asserts(program.module())
     after = copy.deepcopy(before)
-    apply_passes(after, PASSES, torch.bfloat16)
+    exact = [name for name in PASSES if name != "round-norms"]
+    apply_passes(after, exact, torch.bfloat16)
     folded = [b for name, b in after.named_buffers() if name.startswith("_folded_attn_mask")]
     assert len(folded) == 5 and all(b.dtype == torch.bfloat16 for b in folded)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         _assert_same(after(*_inputs(2)), before(*_inputs(2)))
+
+
+@pytest.mark.slow
+def test_round_norms_stores_every_norm_output_in_the_compute_dtype(
+        program: torch.export.ExportedProgram) -> None:
+    """Under autocast the norms compute and return FP32; after the pass every one of them (30
+    LayerNorms, 5 GroupNorms) is read by one cast to the compute dtype only, and the outputs
+    move by that rounding alone: finite, scores within bfloat16's steps of the unrounded run."""
+    before = drop_dtype_asserts(program.module())
+    after = copy.deepcopy(before)
+    assert apply_passes(after, ["round-norms"], torch.bfloat16) == {"round-norms": 35}
+    for node in after.graph.nodes:
+        if node.target in (torch.ops.aten.layer_norm.default, torch.ops.aten.group_norm.default):
+            (cast,) = node.users
+            assert cast.target is torch.ops.aten._to_copy.default
+            assert cast.kwargs == {"dtype": torch.bfloat16}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = before(*_inputs(2)), after(*_inputs(2))
+    assert all(t.isfinite().all() for t in got if t.is_floating_point())
+    scores = [t[1].sort(dim=1, descending=True).values for t in (want, got)]
+    torch.testing.assert_close(scores[1], scores[0], rtol=0, atol=0.02)
+    assert not torch.equal(scores[1], scores[0])  # the rounding did happen
 
 
 class _Attention(nn.Module):

@@ -15,6 +15,18 @@ key of its saved compile cache) is the same at both; nothing they make is saved 
   image, ~0.86 ms per 1152x768 image). ReLU is exact, so only the GEMM's own rounding remains.
 - "linear-gelu": the same for `gelu(linear(x))`, the Swin MLPs' first layer, through cuBLASLt's
   GELU epilogue, which is GELU's tanh form (within a quarter of an FP16 step of the erf form).
+- "round-norms": every LayerNorm / GroupNorm output rounded to the compute dtype. Autocast runs
+  the norms in FP32 and returns FP32, so without it the residual streams (Swin blocks, encoder,
+  decoder) and the encoder's input tokens are stored in FP32, and every residual add + norm
+  reads and writes twice the bytes (the encoder's add + LayerNorm: 0.4-0.7 ms a call at batch
+  8). The norm still computes in FP32; its output is stored as FP16, as mmcv's FP16 mode and an
+  FP16 eager model store it. Changes values (one rounding per norm), so the numerics probe
+  judges it.
+- "merge-linears": linears that read the same tensor become one GEMM over their concatenated
+  weights, each user reading its slice of the output: the MSDA sampling offsets and attention
+  weights of every layer (320 + 160 columns from the same queries), and the six decoder layers'
+  value projections of the encoder memory (6 x 256 columns: the memory, 589,248 x 256 at batch
+  8, read once instead of six times). The same dot products; only the GEMM's blocking differs.
 """
 
 from __future__ import annotations
@@ -227,10 +239,74 @@ def fuse_linear_gelu(gm: fx.GraphModule, dtype: torch.dtype | None) -> int:
     return _fuse_linear_activation(gm, dtype, aten.gelu.default, linear_gelu)
 
 
+NORMS = (aten.layer_norm.default, aten.group_norm.default)
+
+
+def round_norm_outputs(gm: fx.GraphModule, dtype: torch.dtype | None) -> int:
+    """Cast every norm's output to `dtype` (the FP16 engine's compute dtype; nothing in FP32
+    engines); returns how many norms were rounded."""
+    if dtype is None:
+        return 0
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.target not in NORMS:
+            continue
+        with gm.graph.inserting_after(node):
+            cast = gm.graph.call_function(aten._to_copy.default, (node,), {"dtype": dtype})
+        node.replace_all_uses_with(cast, delete_user_cb=lambda user, cast=cast: user is not cast)
+        count += 1
+    gm.graph.lint()
+    gm.recompile()
+    return count
+
+
+ACTIVATIONS = (aten.relu.default, aten.gelu.default)
+
+
+def merge_shared_input_linears(gm: fx.GraphModule, dtype: torch.dtype | None) -> int:
+    """Rewrite linears with the same input (weights and biases parameters; not the ones an
+    activation fusion takes, whatever the pass order) into one linear and slices of its
+    output; returns how many merged GEMMs there are."""
+    groups: dict[fx.Node, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if (node.target is aten.linear.default and len(node.args) == 3
+                and all(isinstance(a, fx.Node) and a.op == "get_attr" for a in node.args[1:])
+                and not any(user.target in ACTIVATIONS for user in node.users)):
+            groups.setdefault(node.args[0], []).append(node)
+    merged = 0
+    with torch.no_grad():
+        for x, linears in groups.items():
+            if len(linears) < 2:
+                continue
+            weights = [_attr(gm, linear.args[1].target) for linear in linears]
+            biases = [_attr(gm, linear.args[2].target) for linear in linears]
+            name = f"_merged_linear_{merged}"
+            gm.register_buffer(f"{name}_weight", torch.cat(weights).contiguous())
+            gm.register_buffer(f"{name}_bias", torch.cat(biases).contiguous())
+            with gm.graph.inserting_before(linears[0]):
+                out = gm.graph.call_function(aten.linear.default, (
+                    x, gm.graph.get_attr(f"{name}_weight"), gm.graph.get_attr(f"{name}_bias")))
+                ends = torch.tensor([w.shape[0] for w in weights]).cumsum(0).tolist()
+                parts = [gm.graph.call_function(aten.slice.Tensor, (out, -1, end - w.shape[0], end))
+                         for w, end in zip(weights, ends, strict=True)]
+            for linear, part in zip(linears, parts, strict=True):
+                linear.replace_all_uses_with(part)
+                gm.graph.erase_node(linear)
+            merged += 1
+    for node in list(gm.graph.nodes):  # the separate weights and biases, now unread
+        if node.op == "get_attr" and not node.users:
+            gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+    return merged
+
+
 PASSES: dict[str, Callable[[fx.GraphModule, torch.dtype | None], int]] = {
     "fold-masks": fold_attention_masks,
     "linear-relu": fuse_linear_relu,
     "linear-gelu": fuse_linear_gelu,
+    "round-norms": round_norm_outputs,
+    "merge-linears": merge_shared_input_linears,
 }
 
 
