@@ -17,6 +17,10 @@
 #                                         # .baseline/codetr_stream`) against this tree's, batch 1
 #                                         # and 8, eager FP32/FP16, feature probes, kernel-class
 #                                         # profiles, all in one run (~8 min)
+#   CANDIDATES=round-norms,round-norms+merge-linears bash bench/device_engine.sh passes
+#                                         # this tree's default engine against the default plus
+#                                         # each candidate ('+'-joined passes or presets), batch
+#                                         # 1 and 8, eager FP32, feature probes, profiles (~7 min)
 #   bash bench/device_engine.sh release   # the engine as a user builds it (`codetr-stream
 #                                         # compile --batch 1,8`, timed cold), a daemon-like warm
 #                                         # start (fresh caches), its timing at batch 1 and 8 with
@@ -99,6 +103,16 @@ case "${1:-sizes}" in
       | "${quiet[@]}" | tee "$out/bench.log"
     status=${PIPESTATUS[0]}
     ;;
+  passes)
+    default=${DEFAULT_PASSES:-fold-masks+linear-relu+linear-gelu}
+    variants=$default
+    for candidate in ${CANDIDATES//,/ }; do variants+=",$default+$candidate"; done
+    timeout 590 "${bench[@]}" --sizes 1152x768 --batches 1,8 --iters 20 --eager fp32 \
+      --eager-warmup 1 --eager-iters 3 --variants "$variants" --probe --profile "$profiles" \
+      --deadline 480 --title "Candidate engine passes, batch 1 and 8" 2>&1 \
+      | "${quiet[@]}" | tee "$out/bench.log"
+    status=${PIPESTATUS[0]}
+    ;;
   release)
     engine=/tmp/codetr_release_engine
     log="$out/release.log"
@@ -161,7 +175,7 @@ case "${1:-sizes}" in
     status=$((tests || PIPESTATUS[0]))
     ;;
   *)
-    echo "usage: bash bench/device_engine.sh sizes|variants|tuning|main|compare|release|eval|blocks" \
+    echo "usage: bash bench/device_engine.sh sizes|variants|tuning|main|compare|passes|release|eval|blocks" \
       >&2
     exit 2
     ;;

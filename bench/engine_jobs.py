@@ -39,6 +39,10 @@ OPTION_PRESETS: dict[str, dict[str, Any]] = {
     # Block sizes of the Triton pointwise/reduction kernels (LayerNorm, GELU, residuals) tuned
     # by coordinate descent instead of taken from heuristics.
     "tune-pointwise": {"coordinate_descent_tuning": True},
+    # Reductions that Inductor would loop over (a LayerNorm whose inputs it does not read
+    # row-contiguously) also compiled persistent; the faster of the two is picked by timing both
+    # at the first call.
+    "multi-kernel": {"triton.multi_kernel": 1},
 }
 
 
