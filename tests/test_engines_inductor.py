@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 from codetr_stream.compile import build_model
+from codetr_stream.compile.build_commands import DEFAULT_PASSES
 from codetr_stream.compile.engines import Manifest, build_engine
 from codetr_stream.compile.engines.precision import PrecisionWrapper
 from codetr_stream.compile.export import example_inputs
 from engine_helpers import score_drift_in_fresh_process
 
 HW = (128, 160)
-PASSES = pytest.mark.parametrize("passes", [[], ["fold-masks", "linear-relu", "linear-gelu"]],
-                                 ids=["baseline", "passes"])
+PASSES = pytest.mark.parametrize("passes", [[], list(DEFAULT_PASSES)], ids=["baseline", "passes"])
 # A fresh process that recompiles instead of reading the engine's saved cache still gets the
 # right answer, only minutes later; at exit this turns a recompile into exit code 3.
 NO_RECOMPILE = ("import atexit, os; from torch._dynamo.utils import counters;"
@@ -56,10 +56,11 @@ def test_fp32_inductor_engine_equals_eager(data_dir: Path, tmp_path: Path, tiny_
                                     config=config, device="cpu", passes=passes)
     assert {"program_b1", "inductor_cache", "config"} <= manifest.files.keys()
     assert Manifest.load(tmp_path).passes == passes  # re-applied by every load
-    assert ("--passes fold-masks,linear-relu,linear-gelu" in manifest.rebuild_command(tmp_path)
+    assert (f"--passes {','.join(DEFAULT_PASSES)}" in manifest.rebuild_command(tmp_path)
             ) == bool(passes)
-    if passes:
-        assert engine.pass_sites == {"fold-masks": 5, "linear-relu": 14, "linear-gelu": 5}
+    if passes:  # round-norms rounds in FP16 engines only
+        assert engine.pass_sites == {"fold-masks": 5, "linear-relu": 14, "linear-gelu": 5,
+                                     "merge-linears": 5, "round-norms": 0}
     images, masks = _inputs(1, "cpu")
     with torch.no_grad():
         want = model(images, masks)
