@@ -17,7 +17,7 @@
 #                                         # .baseline/codetr_stream`) against this tree's, batch 1
 #                                         # and 8, eager FP32/FP16, feature probes, kernel-class
 #                                         # profiles, all in one run (~8 min)
-#   CANDIDATES=round-norms,round-norms+merge-linears bash bench/device_engine.sh passes
+#   CANDIDATES=msda-offsets bash bench/device_engine.sh passes
 #                                         # this tree's default engine against the default plus
 #                                         # each candidate ('+'-joined passes or presets), batch
 #                                         # 1 and 8, eager FP32, feature probes, profiles (~7 min)
@@ -104,7 +104,7 @@ case "${1:-sizes}" in
     status=${PIPESTATUS[0]}
     ;;
   passes)
-    default=${DEFAULT_PASSES:-fold-masks+linear-relu+linear-gelu}
+    default=${DEFAULT_PASSES:-fold-masks+linear-relu+linear-gelu+merge-linears+round-norms}
     variants=$default
     for candidate in ${CANDIDATES//,/ }; do variants+=",$default+$candidate"; done
     timeout 590 "${bench[@]}" --sizes 1152x768 --batches 1,8 --iters 20 --eager fp32 \

@@ -59,6 +59,57 @@ def _corner(acc, rows, offset, w, d_mask, HALF_BILINEAR: tl.constexpr):
 
 
 @triton.jit
+def _sample(acc, rows, lx, ly, a, w_l, h_l, start, row_stride, d_mask,
+            HALF_BILINEAR: tl.constexpr):
+    """acc += a x the bilinear sample at normalised (lx, ly) of the level starting at row
+    `start` (w_l x h_l pixels), for every query of the tile."""
+    x0, fx = _pixel(lx, w_l)
+    y0, fy = _pixel(ly, h_l)
+    # One unsigned compare per corner coordinate: negative indices wrap to >= size.
+    okx0 = x0.to(tl.uint32, bitcast=True) < w_l
+    okx1 = (x0 + 1).to(tl.uint32, bitcast=True) < w_l
+    oky0 = y0.to(tl.uint32, bitcast=True) < h_l
+    oky1 = (y0 + 1).to(tl.uint32, bitcast=True) < h_l
+    wx0 = tl.where(okx0, 1.0 - fx, 0.0)
+    wx1 = tl.where(okx1, fx, 0.0)
+    wy0 = tl.where(oky0, a * (1.0 - fy), 0.0)
+    wy1 = tl.where(oky1, a * fy, 0.0)
+    # A corner outside the map reads an in-map row with weight 0: no masked loads.
+    ox0 = tl.where(okx0, x0, 0)
+    ox1 = tl.where(okx1, x0 + 1, 0)
+    oy0 = start + tl.where(oky0, y0, 0) * w_l
+    oy1 = start + tl.where(oky1, y0 + 1, 0) * w_l
+    s = tl.zeros_like(acc).to(rows.dtype.element_ty) if HALF_BILINEAR else acc
+    s = _corner(s, rows, (oy0 + ox0) * row_stride, wy0 * wx0, d_mask, HALF_BILINEAR)
+    s = _corner(s, rows, (oy0 + ox1) * row_stride, wy0 * wx1, d_mask, HALF_BILINEAR)
+    s = _corner(s, rows, (oy1 + ox0) * row_stride, wy1 * wx0, d_mask, HALF_BILINEAR)
+    s = _corner(s, rows, (oy1 + ox1) * row_stride, wy1 * wx1, d_mask, HALF_BILINEAR)
+    if HALF_BILINEAR:
+        acc += s.to(tl.float32)
+    else:
+        acc = s
+    return acc
+
+
+@triton.jit
+def _program_tile(value_ptr, num_tokens, num_queries, num_heads, DIM: tl.constexpr,
+                  BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr):
+    """This program's (batch, head), its queries (clamped; q_mask says which are real), the
+    [1, BLOCK_D // CHUNK, CHUNK] channel tile, and the pointers to its head's value rows (the
+    channel mask, None when DIM fills the tile, is the caller's: a jit function returns no None)."""
+    b = tl.program_id(1) // num_heads
+    h = tl.program_id(1) % num_heads
+    q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_mask = q < num_queries
+    q = tl.minimum(q, num_queries - 1)  # queries past the end redo the last one (store masked)
+    d = (tl.arange(0, BLOCK_D // CHUNK)[None, :, None] * CHUNK
+         + tl.arange(0, CHUNK)[None, None, :])
+    row_stride = num_heads * DIM
+    rows = value_ptr + b.to(tl.int64) * num_tokens * row_stride + h * DIM + d
+    return b, h, q, q_mask, d, row_stride, rows
+
+
+@triton.jit
 def msda_fwd_kernel(
     value_ptr,
     shapes_ptr,
@@ -85,16 +136,9 @@ def msda_fwd_kernel(
     HALF_BILINEAR: the 4 corners of a point are combined in the value dtype (packed float16
     math), then added to the float32 accumulator (benchmark variant; less exact).
     """
-    b = tl.program_id(1) // num_heads
-    h = tl.program_id(1) % num_heads
-    q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    q_mask = q < num_queries
-    q = tl.minimum(q, num_queries - 1)  # queries past the end redo the last one (store masked)
-    d = (tl.arange(0, BLOCK_D // CHUNK)[None, :, None] * CHUNK
-         + tl.arange(0, CHUNK)[None, None, :])
+    b, h, q, q_mask, d, row_stride, rows = _program_tile(
+        value_ptr, num_tokens, num_queries, num_heads, DIM, BLOCK_Q, BLOCK_D, CHUNK)
     d_mask = None if DIM == BLOCK_D else d < DIM
-    row_stride = num_heads * DIM
-    rows = value_ptr + b.to(tl.int64) * num_tokens * row_stride + h * DIM + d
     # (b, q, h) row of the locations / weights / output, in int64 (B*Q*H*L*P*2 can pass 2^31).
     bqh = (b.to(tl.int64) * num_queries + q) * num_heads + h
     lp_base = bqh * (LEVELS * POINTS)
@@ -107,35 +151,81 @@ def msda_fwd_kernel(
             i = lp_base + lvl * POINTS + p
             a = tl.load(attw_ptr + i).to(tl.float32)
             lx, ly = tl.split(tl.load(loc_ptr + 2 * i[:, None] + tl.arange(0, 2)[None, :]))
-            x0, fx = _pixel(lx, w_l)
-            y0, fy = _pixel(ly, h_l)
-            # One unsigned compare per corner coordinate: negative indices wrap to >= size.
-            okx0 = x0.to(tl.uint32, bitcast=True) < w_l
-            okx1 = (x0 + 1).to(tl.uint32, bitcast=True) < w_l
-            oky0 = y0.to(tl.uint32, bitcast=True) < h_l
-            oky1 = (y0 + 1).to(tl.uint32, bitcast=True) < h_l
-            wx0 = tl.where(okx0, 1.0 - fx, 0.0)
-            wx1 = tl.where(okx1, fx, 0.0)
-            wy0 = tl.where(oky0, a * (1.0 - fy), 0.0)
-            wy1 = tl.where(oky1, a * fy, 0.0)
-            # A corner outside the map reads an in-map row with weight 0: no masked loads.
-            ox0 = tl.where(okx0, x0, 0)
-            ox1 = tl.where(okx1, x0 + 1, 0)
-            oy0 = start + tl.where(oky0, y0, 0) * w_l
-            oy1 = start + tl.where(oky1, y0 + 1, 0) * w_l
-            if HALF_BILINEAR:
-                s = tl.zeros([BLOCK_Q, BLOCK_D // CHUNK, CHUNK], dtype=value_ptr.dtype.element_ty)
-            else:
-                s = acc
-            s = _corner(s, rows, (oy0 + ox0) * row_stride, wy0 * wx0, d_mask, HALF_BILINEAR)
-            s = _corner(s, rows, (oy0 + ox1) * row_stride, wy0 * wx1, d_mask, HALF_BILINEAR)
-            s = _corner(s, rows, (oy1 + ox0) * row_stride, wy1 * wx0, d_mask, HALF_BILINEAR)
-            s = _corner(s, rows, (oy1 + ox1) * row_stride, wy1 * wx1, d_mask, HALF_BILINEAR)
-            if HALF_BILINEAR:
-                acc += s.to(tl.float32)
-            else:
-                acc = s
+            acc = _sample(acc, rows, lx, ly, a, w_l, h_l, start, row_stride, d_mask,
+                          HALF_BILINEAR)
     out = out_ptr + bqh[:, None, None] * DIM + d
+    mask = q_mask[:, None, None] if d_mask is None else q_mask[:, None, None] & d_mask
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def msda_offsets_fwd_kernel(
+    value_ptr,
+    shapes_ptr,
+    starts_ptr,
+    ref_ptr,
+    offsets_ptr,
+    logits_ptr,
+    num_tokens,
+    num_queries,
+    num_heads,
+    offsets_row_stride,
+    logits_row_stride,
+    out_ptr,
+    DIM: tl.constexpr,
+    LEVELS: tl.constexpr,
+    POINTS: tl.constexpr,
+    REF_DIMS: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK_LP: tl.constexpr,
+):
+    """`msda_fwd_kernel` with the sampling locations and attention weights made here, from
+    what the layer's projections give, instead of read as FP32 tensors written by other kernels.
+
+    ref (B,Q,L,REF_DIMS) float32: points (x, y) or boxes (x, y, w, h), normalised; offsets
+    (B*Q rows, row stride `offsets_row_stride`, H*L*P*2 used) and logits (B*Q rows, stride
+    `logits_row_stride`, H*L*P used) in any float dtype. As the MSDA layer computes them:
+    weights = softmax over the L*P logits of a (query, head); locations = ref + offset / (w, h)
+    of the level (points) or ref_xy + offset / P * ref_wh / 2 (boxes), in float32.
+    """
+    b, h, q, q_mask, d, row_stride, rows = _program_tile(
+        value_ptr, num_tokens, num_queries, num_heads, DIM, BLOCK_Q, BLOCK_D, CHUNK)
+    d_mask = None if DIM == BLOCK_D else d < DIM
+    bq = b.to(tl.int64) * num_queries + q
+    logit_row = logits_ptr + bq * logits_row_stride + h * (LEVELS * POINTS)
+    offset_row = offsets_ptr + bq * offsets_row_stride + h * (LEVELS * POINTS * 2)
+    ref_row = ref_ptr + bq * (LEVELS * REF_DIMS)
+    # The softmax's max and sum over the L*P logits first; each weight is made in the loop.
+    lp = tl.arange(0, BLOCK_LP)[None, :]
+    logits = tl.load(logit_row[:, None] + lp, mask=lp < LEVELS * POINTS, other=float("-inf"))
+    peak = tl.max(logits.to(tl.float32), 1)
+    scale = 1.0 / tl.sum(tl.exp(logits.to(tl.float32) - peak[:, None]), 1)
+    acc = tl.zeros([BLOCK_Q, BLOCK_D // CHUNK, CHUNK], dtype=tl.float32)
+    for lvl in range(LEVELS):  # rolled, as in msda_fwd_kernel
+        h_l = tl.load(shapes_ptr + 2 * lvl).to(tl.int32)
+        w_l = tl.load(shapes_ptr + 2 * lvl + 1).to(tl.int32)
+        start = tl.load(starts_ptr + lvl).to(tl.int32)
+        rx = tl.load(ref_row + lvl * REF_DIMS)
+        ry = tl.load(ref_row + lvl * REF_DIMS + 1)
+        if REF_DIMS == 4:
+            rw = tl.load(ref_row + lvl * REF_DIMS + 2)
+            rh = tl.load(ref_row + lvl * REF_DIMS + 3)
+        for p in tl.static_range(POINTS):
+            j = lvl * POINTS + p
+            a = tl.exp(tl.load(logit_row + j).to(tl.float32) - peak) * scale
+            ox, oy = tl.split(tl.load(offset_row[:, None] + 2 * j + tl.arange(0, 2)[None, :]))
+            # The layer's float32 operations in its order, IEEE-rounded divisions included, so
+            # the locations are the ones the graph would have written.
+            if REF_DIMS == 2:
+                lx = rx + tl.math.div_rn(ox.to(tl.float32), w_l.to(tl.float32))
+                ly = ry + tl.math.div_rn(oy.to(tl.float32), h_l.to(tl.float32))
+            else:
+                lx = rx + tl.math.div_rn(ox.to(tl.float32), float(POINTS)) * rw * 0.5
+                ly = ry + tl.math.div_rn(oy.to(tl.float32), float(POINTS)) * rh * 0.5
+            acc = _sample(acc, rows, lx, ly, a, w_l, h_l, start, row_stride, d_mask, False)
+    out = out_ptr + (bq * num_heads + h)[:, None, None] * DIM + d
     mask = q_mask[:, None, None] if d_mask is None else q_mask[:, None, None] & d_mask
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -194,5 +284,37 @@ def ms_deform_attn_triton(
         sampling_locations.contiguous(), attention_weights.contiguous(), tokens, queries, heads,
         out, DIM=dim, LEVELS=levels, POINTS=points, num_warps=config.num_warps,
         **config.constexprs(dim, value.element_size()),
+    )
+    return out
+
+
+def ms_deform_attn_offsets_triton(
+    value: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    reference: Tensor,
+    offsets: Tensor,
+    logits: Tensor,
+    config: LaunchConfig | None = None,
+) -> Tensor:
+    """Launch `msda_offsets_fwd_kernel`. offsets (B,Q,H*L*P*2) and logits (B,Q,H*L*P) may be
+    column slices of one wider tensor (their rows are read with their own stride); reference
+    (B,Q,L,2|4) float32."""
+    batch, tokens, heads, dim = value.shape
+    _, queries, levels, ref_dims = reference.shape
+    points = logits.shape[-1] // (heads * levels)
+    value = value.contiguous()
+    config = config or launch_config()
+    offsets, logits = (t if t.stride(-1) == 1 and t.stride(0) == t.shape[1] * t.stride(1)
+                       else t.contiguous() for t in (offsets, logits))
+    out = value.new_empty(batch, queries, heads * dim)
+    grid = (triton.cdiv(queries, config.block_q), batch * heads)
+    wrap_triton(msda_offsets_fwd_kernel)[grid](
+        value, spatial_shapes.contiguous(), level_start_index.contiguous(),
+        reference.contiguous(), offsets, logits, tokens, queries, heads, offsets.stride(1),
+        logits.stride(1), out, DIM=dim, LEVELS=levels, POINTS=points, REF_DIMS=ref_dims,
+        BLOCK_LP=triton.next_power_of_2(levels * points), num_warps=config.num_warps,
+        **{k: v for k, v in config.constexprs(dim, value.element_size()).items()
+           if k != "HALF_BILINEAR"},
     )
     return out

@@ -16,7 +16,7 @@ graph cannot. Without Triton (CPU-only torch) the op is a plain custom op over t
 from __future__ import annotations
 
 import torch
-from codetr_stream.plugin.reference import ms_deform_attn_reference
+from codetr_stream.plugin.reference import ms_deform_attn_reference, sampling_from_offsets
 from torch import Tensor
 
 try:
@@ -125,3 +125,28 @@ def _setup_context(ctx, inputs, output) -> None:
 
 for _op in (ms_deform_attn, _reference_op):
     _op.register_autograd(_no_backward, setup_context=_setup_context)
+
+
+def ms_deform_attn_from_offsets(
+    value: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    reference: Tensor,
+    offsets: Tensor,
+    logits: Tensor,
+) -> Tensor:
+    """MSDA from the layer's projections: reference (B,Q,L,2|4), offsets (B,Q,H*L*P*2), logits
+    (B,Q,H*L*P); see `sampling_from_offsets`. On CUDA one kernel makes the locations and weights
+    as it samples (never written to memory); elsewhere they are computed and the op runs.
+
+    Not an op of its own: the Inductor engine's "msda-offsets" pass calls it in place of the
+    op and the layer's location/softmax arithmetic (compile/engines/passes.py); exported
+    programs, and with them TensorRT, keep `codetr::ms_deform_attn`.
+    """
+    offsets, logits = offsets.flatten(2), logits.flatten(2)
+    if _kernel is not None and value.is_cuda:
+        return _kernel.ms_deform_attn_offsets_triton(
+            value, spatial_shapes, level_start_index, reference, offsets, logits)
+    locations, weights = sampling_from_offsets(
+        spatial_shapes, reference, offsets, logits, value.shape[2])
+    return ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)

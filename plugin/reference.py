@@ -50,3 +50,24 @@ def ms_deform_attn_reference(
     weights = attention_weights.transpose(1, 2).reshape(batch * heads, 1, queries, levels * points)
     output = (stacked * weights).sum(-1).view(batch, heads * dim, queries)
     return output.transpose(1, 2).to(out_dtype).contiguous()
+
+
+def sampling_from_offsets(
+    spatial_shapes: Tensor, reference: Tensor, offsets: Tensor, logits: Tensor, heads: int
+) -> tuple[Tensor, Tensor]:
+    """The MSDA layer's sampling locations (B,Q,H,L,P,2) and attention weights (B,Q,H,L,P)
+    from its projections, in its operations and order: reference (B,Q,L,2|4) normalised points
+    or boxes, offsets (B,Q,H*L*P*2) in pixels of each level (points) or box-relative, logits
+    (B,Q,H*L*P) softmaxed over each (query, head)'s L*P."""
+    batch, queries, levels, ref_dims = reference.shape
+    points = logits.shape[-1] // (heads * levels)
+    offsets = offsets.view(batch, queries, heads, levels, points, 2)
+    weights = logits.view(batch, queries, heads, levels * points).softmax(-1)
+    weights = weights.view(batch, queries, heads, levels, points)
+    if ref_dims == 2:
+        wh = spatial_shapes.flip(-1).to(torch.float32)
+        locations = reference[:, :, None, :, None, :] + offsets / wh[None, None, None, :, None, :]
+    else:
+        ref = reference[:, :, None, :, None]
+        locations = ref[..., :2] + offsets / points * ref[..., 2:] * 0.5
+    return locations, weights

@@ -85,7 +85,8 @@ def test_rebuilding_into_an_engine_directory_replaces_its_programs(tiny_config,
 
 
 @pytest.mark.gpu
-@PASSES
+@pytest.mark.parametrize("passes", [[], list(DEFAULT_PASSES), [*DEFAULT_PASSES, "msda-offsets"]],
+                         ids=["baseline", "passes", "passes+msda-offsets"])
 def test_fp16_engine_tracks_fp32_eager_and_restarts_from_its_cache(data_dir: Path,
                                                                    tmp_path: Path, tiny_config,
                                                                    passes: list[str]) -> None:

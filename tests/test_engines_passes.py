@@ -21,7 +21,8 @@ from codetr_stream.compile.export import example_inputs, export_for_batches
 from torch import nn
 
 HW = (128, 160)
-PASSES = ["fold-masks", "linear-relu", "linear-gelu", "merge-linears", "round-norms"]
+PASSES = ["fold-masks", "linear-relu", "linear-gelu", "merge-linears", "msda-offsets",
+          "round-norms"]
 
 
 @pytest.fixture(scope="module")
@@ -54,16 +55,19 @@ def test_passes_keep_fp32_outputs_identical_at_every_batch(
     before = program.module()
     after = copy.deepcopy(before)
     # The tiny model's MSDA offsets + weights (2 encoder, 2 decoder layers) and its decoder
-    # value projections make 5 merged GEMMs; norms are rounded in reduced precision only.
+    # value projections make 5 merged GEMMs; its 4 MSDA layers take their sampling from the
+    # projections; norms are rounded in reduced precision only.
     assert apply_passes(after, PASSES, None) == {"fold-masks": 5, "linear-relu": 14,
                                                  "linear-gelu": 5, "merge-linears": 5,
-                                                 "round-norms": 0}
+                                                 "msda-offsets": 4, "round-norms": 0}
     biases = [n.args[1] for n in after.graph.nodes if n.target is WINDOW_ATTENTION]
     assert len(biases) == 5 and all(b.op == "get_attr" for b in biases)
     kinds = _targets(after)
     assert torch.ops.aten.index.Tensor not in kinds  # no bias-table gather left
     assert torch.ops.aten.relu.default not in kinds
     assert torch.ops.aten.gelu.default not in kinds
+    assert torch.ops.aten.softmax.int not in kinds  # the MSDA weights' softmax went with it
+    assert torch.ops.codetr.ms_deform_attn.default not in kinds
     shared = [n.args[0] for n in after.graph.nodes if n.target is torch.ops.aten.linear.default]
     assert len(shared) == len(set(shared))  # no two linears read one tensor any more
     for batch in (1, 2):

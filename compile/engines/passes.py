@@ -27,6 +27,11 @@ key of its saved compile cache) is the same at both; nothing they make is saved 
   weights of every layer (320 + 160 columns from the same queries), and the six decoder layers'
   value projections of the encoder memory (6 x 256 columns: the memory, 589,248 x 256 at batch
   8, read once instead of six times). The same dot products; only the GEMM's blocking differs.
+- "msda-offsets": every MSDA layer's `ms_deform_attn(value, ..., reference + offsets / (w, h),
+  softmax(logits))` becomes `ms_deform_attn_from_offsets(value, ..., reference, offsets,
+  logits)`: on CUDA one kernel makes each location and weight as it samples, so the FP32
+  locations and weights (at batch 8, 1.1 GB a layer) are never written and read back. The same
+  float32 arithmetic (the softmax's rounding aside); the CPU path runs the layer's own ops.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from collections.abc import Callable, Iterable
 
 import codetr_stream.plugin.window_attention  # noqa: F401  (registers codetr::window_attention)
 import torch
+from codetr_stream.plugin.op import ms_deform_attn_from_offsets
 from torch import Tensor, fx
 
 log = logging.getLogger(__name__)
@@ -301,12 +307,118 @@ def merge_shared_input_linears(gm: fx.GraphModule, dtype: torch.dtype | None) ->
     return merged
 
 
+MSDA = torch.ops.codetr.ms_deform_attn.default
+
+
+def _call(node: object, target: object, *args: object) -> bool:
+    """`node` is a call of `target` whose arguments after the first are `args` (as given)."""
+    return (isinstance(node, fx.Node) and node.target is target
+            and tuple(node.args[1:len(args) + 1]) == args)
+
+
+def _unsqueezed_points(node: object) -> fx.Node | None:
+    """REF of `REF[:, :, None, :, None]` (unsqueeze at 2, then at 4), else None."""
+    if _call(node, aten.unsqueeze.default, 4) and _call(node.args[0], aten.unsqueeze.default, 2):
+        return node.args[0].args[0]
+    return None
+
+
+def _softmax_logits(weights: fx.Node) -> fx.Node | None:
+    """LOGITS of `softmax(LOGITS.view(b, q, heads, levels * points), -1).view(...)`."""
+    if _call(weights, aten.view.default) and _call(weights.args[0], aten.softmax.int, -1):
+        inner = weights.args[0].args[0]
+        if _call(inner, aten.view.default):
+            return inner.args[0]
+    return None
+
+
+def _offset_source(node: object) -> fx.Node | None:
+    """OFFSETS of `OFFSETS.view(b, q, heads, levels, points, 2)`."""
+    if _call(node, aten.view.default) and len(node.args[1]) == 6:
+        return node.args[0]
+    return None
+
+
+def _locations(gm: fx.GraphModule, loc: fx.Node, shapes: Tensor,
+               points: int) -> tuple[fx.Node, fx.Node] | None:
+    """(REF, OFFSETS) of the layer's sampling locations, else None: points
+    `REF[:, :, None, :, None, :] + OFFSETS.view(...) / wh` with wh the level shapes as (w, h),
+    or boxes `R[..., :2] + OFFSETS.view(...) / points * R[..., 2:] * 0.5`, R = REF[:, :, None,
+    :, None]."""
+    if not _call(loc, aten.add.Tensor):
+        return None
+    first, second = loc.args[:2]
+    if _call(second, aten.div.Tensor) and (ref := _unsqueezed_points(first)) is not None:
+        offsets = _offset_source(second.args[0])
+        try:
+            wh = _evaluate(gm, second.args[1])
+        except (KeyError, TypeError, AttributeError):  # not a constant of the weights
+            return None
+        if offsets is None or not torch.equal(wh.reshape(-1, 2).cpu().float(),
+                                              shapes.flip(-1).cpu().float()):
+            return None
+        return ref, offsets
+    if (_call(first, aten.slice.Tensor, 5, 0, 2) and _call(second, aten.mul.Tensor, 0.5)
+            and _call(second.args[0], aten.mul.Tensor)):
+        scaled, size = second.args[0].args[:2]
+        boxes = first.args[0]
+        if (_call(scaled, aten.div.Tensor, points) and _call(size, aten.slice.Tensor, 5, 2)
+                and size.args[0] is boxes and (ref := _unsqueezed_points(boxes)) is not None
+                and (offsets := _offset_source(scaled.args[0])) is not None):
+            return ref, offsets
+    return None
+
+
+def _erase_unused(gm: fx.GraphModule, nodes: Iterable[fx.Node]) -> None:
+    """Erase the given nodes, and what fed only them, once nothing reads them."""
+    todo = list(nodes)
+    while todo:
+        node = todo.pop()
+        if node.graph is gm.graph and not node.users and node.op == "call_function":
+            inputs = node.all_input_nodes
+            gm.graph.erase_node(node)
+            todo.extend(inputs)
+
+
+def fuse_msda_sampling(gm: fx.GraphModule, dtype: torch.dtype | None) -> int:
+    """Rewrite every MSDA call whose locations and weights are the layer's own arithmetic
+    (`_locations`, `_softmax_logits`) into `ms_deform_attn_from_offsets`; returns how many."""
+    fused = 0
+    for node in list(gm.graph.nodes):
+        if node.target is not MSDA:
+            continue
+        value, shape_node, starts, loc, weights = node.args
+        logits = _softmax_logits(weights)
+        if logits is None:
+            continue
+        points = weights.args[1][-1]  # the weights' view is (b, q, heads, levels, points)
+        try:
+            shapes = _evaluate(gm, shape_node)
+        except (KeyError, TypeError, AttributeError):  # not a constant of the weights
+            continue
+        found = _locations(gm, loc, shapes, points) if isinstance(points, int) else None
+        if found is None:
+            continue
+        ref, offsets = found
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(ms_deform_attn_from_offsets,
+                                         (value, shape_node, starts, ref, offsets, logits))
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        _erase_unused(gm, [loc, weights])
+        fused += 1
+    gm.graph.lint()
+    gm.recompile()
+    return fused
+
+
 PASSES: dict[str, Callable[[fx.GraphModule, torch.dtype | None], int]] = {
     "fold-masks": fold_attention_masks,
     "linear-relu": fuse_linear_relu,
     "linear-gelu": fuse_linear_gelu,
     "round-norms": round_norm_outputs,
     "merge-linears": merge_shared_input_linears,
+    "msda-offsets": fuse_msda_sampling,
 }
 
 
