@@ -20,7 +20,8 @@
 #   CANDIDATES=msda-offsets bash bench/device_engine.sh passes
 #                                         # this tree's default engine against the default plus
 #                                         # each candidate ('+'-joined passes or presets), batch
-#                                         # 1 and 8, eager FP32, feature probes, profiles (~7 min)
+#                                         # 1 and 8, eager FP32, feature probes, profiles, with
+#                                         # the GPU tests of the passes beside the builds (~7 min)
 #   bash bench/device_engine.sh release   # the engine as a user builds it (`codetr-stream
 #                                         # compile --batch 1,8`, timed cold), a daemon-like warm
 #                                         # start (fresh caches), its timing at batch 1 and 8 with
@@ -104,14 +105,25 @@ case "${1:-sizes}" in
     status=${PIPESTATUS[0]}
     ;;
   passes)
+    # The GPU tests of the engine passes and the fused MSDA path run beside the builds (holding
+    # the GPU lock while they run, as in `sizes`); the benchmark takes the lock only to time.
+    timeout 560 python3 -c "$locked" "$lock" -m pytest -p no:cacheprovider -m gpu -q -rA \
+      tests/test_msda_offsets.py tests/test_engines_inductor.py >"$out/pytest.log" 2>&1 &
+    tests=$!
+    sleep 2
     default=${DEFAULT_PASSES:-fold-masks+linear-relu+linear-gelu+merge-linears+round-norms}
     variants=$default
     for candidate in ${CANDIDATES//,/ }; do variants+=",$default+$candidate"; done
     timeout 590 "${bench[@]}" --sizes 1152x768 --batches 1,8 --iters 20 --eager fp32 \
       --eager-warmup 1 --eager-iters 3 --variants "$variants" --probe --profile "$profiles" \
-      --deadline 480 --title "Candidate engine passes, batch 1 and 8" 2>&1 \
+      --deadline 480 --gpu-lock "$lock" --title "Candidate engine passes, batch 1 and 8" 2>&1 \
       | "${quiet[@]}" | tee "$out/bench.log"
     status=${PIPESTATUS[0]}
+    wait "$tests"
+    tests=$?
+    tail -n 20 "$out/pytest.log"
+    echo "pytest exit $tests, bench exit $status"
+    status=$((tests || status))
     ;;
   release)
     engine=/tmp/codetr_release_engine
