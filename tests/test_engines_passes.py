@@ -15,9 +15,11 @@ from codetr_stream.compile.engines.passes import (
     WINDOW_ATTENTION,
     apply_passes,
     fold_attention_masks,
+    fuse_msda_sampling,
 )
 from codetr_stream.compile.engines.precision import drop_dtype_asserts
 from codetr_stream.compile.export import example_inputs, export_for_batches
+from codetr_stream.compile.model.deformable import MultiScaleDeformableAttention
 from torch import nn
 
 HW = (128, 160)
@@ -110,6 +112,54 @@ def test_round_norms_stores_every_norm_output_in_the_compute_dtype(
     scores = [t[1].sort(dim=1, descending=True).values for t in (want, got)]
     torch.testing.assert_close(scores[1], scores[0], rtol=0, atol=0.02)
     assert not torch.equal(scores[1], scores[0])  # the rounding did happen
+
+
+class _Sampling(nn.Module):
+    """One MSDA layer over two levels with 2-d (point) or 4-d (box) references."""
+
+    SHAPES = ((6, 5), (3, 3))
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = MultiScaleDeformableAttention(16, 2, 2, 3)
+
+    def forward(self, x: torch.Tensor, value: torch.Tensor,
+                reference: torch.Tensor) -> torch.Tensor:
+        mask = torch.zeros(value.shape[:2], dtype=torch.bool)
+        return self.layer(x, x, value, mask, reference, list(self.SHAPES))
+
+
+def _nudge(gm: torch.fx.GraphModule, ref_dims: int) -> None:
+    """Change the layer's location formula slightly: the level sizes doubled (points) or the
+    box half-size factor 0.5 -> 0.25 (boxes)."""
+    aten = torch.ops.aten
+    for node in gm.graph.nodes:
+        if (ref_dims == 2 and node.target is aten.div.Tensor
+                and isinstance(node.args[1], torch.fx.Node)):
+            with gm.graph.inserting_before(node):
+                node.update_arg(1, gm.graph.call_function(aten.mul.Tensor, (node.args[1], 2.0)))
+            break
+        if ref_dims == 4 and node.target is aten.mul.Tensor and node.args[1:] == (0.5,):
+            node.update_arg(1, 0.25)
+            break
+    gm.recompile()
+
+
+@pytest.mark.parametrize("ref_dims", [2, 4], ids=["points", "boxes"])
+@pytest.mark.parametrize("nudged", [False, True], ids=["layer", "other-formula"])
+def test_msda_offsets_takes_only_the_layers_own_sampling(ref_dims: int, nudged: bool) -> None:
+    """The layer's MSDA call is rewritten (same outputs); a call whose locations differ from the
+    layer's formula in one constant is left as it is."""
+    x, value = torch.randn(2, 7, 16), torch.randn(2, 39, 16)
+    reference = torch.rand(2, 7, 2, ref_dims)
+    module = torch.export.export(_Sampling(), (x, value, reference), strict=False).module()
+    if nudged:
+        _nudge(module, ref_dims)
+    with torch.no_grad():
+        want = module(x, value, reference)
+        assert fuse_msda_sampling(module, None) == (0 if nudged else 1)
+        torch.testing.assert_close(module(x, value, reference), want, rtol=0, atol=0)
 
 
 class _Attention(nn.Module):
