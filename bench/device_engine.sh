@@ -56,24 +56,31 @@ mkdir -p "$profiles"
 bench=(python3 bench/engine.py --json "$out/engine.json" --results "$out/RESULTS.md")
 quiet=(grep --line-buffered -v Warning)
 status=0
+# start_gpu_tests FILE...: those files' GPU tests in the background, holding the GPU lock while
+# they run (taken here, then pytest is exec'd holding it); the benchmark takes the lock only to
+# time, after its builds, so the two share the call without sharing a timing.
+# finish_gpu_tests BENCH_STATUS: wait for them, show their summary, combine the two statuses.
+start_gpu_tests() {
+  timeout 560 python3 -c "$locked" "$lock" -m pytest -p no:cacheprovider -m gpu -q -rA "$@" \
+    >"$out/pytest.log" 2>&1 &
+  tests_pid=$!
+  sleep 2
+}
+finish_gpu_tests() {
+  local tests
+  wait "$tests_pid"
+  tests=$?
+  tail -n 30 "$out/pytest.log"
+  echo "pytest exit $tests, bench exit $1"
+  status=$((tests || $1))
+}
 case "${1:-sizes}" in
   sizes)
-    # The tests hold the GPU lock while they run (taken here, then pytest is exec'd holding
-    # it); the benchmark takes it only to time, after its builds, so the two share the call
-    # without sharing a timing.
-    timeout 560 python3 -c "$locked" "$lock" -m pytest -p no:cacheprovider -m gpu -q -rA \
-      tests/test_engines_inductor.py >"$out/pytest.log" 2>&1 &
-    tests=$!
-    sleep 2
+    start_gpu_tests tests/test_engines_inductor.py
     timeout 560 "${bench[@]}" --sizes 608x608,1152x768,1920x1280 --batches 1,8 --iters 20 \
       --eager-warmup 2 --eager-iters 10 --deadline 420 --gpu-lock "$lock" \
       --title "Input sizes" 2>&1 | "${quiet[@]}" | tee "$out/bench.log"
-    status=${PIPESTATUS[0]}
-    wait "$tests"
-    tests=$?
-    tail -n 30 "$out/pytest.log"
-    echo "pytest exit $tests, bench exit $status"
-    status=$((tests || status))
+    finish_gpu_tests "${PIPESTATUS[0]}"
     ;;
   variants)
     timeout 570 "${bench[@]}" --sizes 1152x768 --batches 1,8 --iters 20 --eager-iters 10 \
@@ -105,12 +112,7 @@ case "${1:-sizes}" in
     status=${PIPESTATUS[0]}
     ;;
   passes)
-    # The GPU tests of the engine passes and the fused MSDA path run beside the builds (holding
-    # the GPU lock while they run, as in `sizes`); the benchmark takes the lock only to time.
-    timeout 560 python3 -c "$locked" "$lock" -m pytest -p no:cacheprovider -m gpu -q -rA \
-      tests/test_msda_offsets.py tests/test_engines_inductor.py >"$out/pytest.log" 2>&1 &
-    tests=$!
-    sleep 2
+    start_gpu_tests tests/test_msda_offsets.py tests/test_engines_inductor.py
     default=${DEFAULT_PASSES:-fold-masks+linear-relu+linear-gelu+merge-linears+round-norms}
     variants=$default
     for candidate in ${CANDIDATES//,/ }; do variants+=",$default+$candidate"; done
@@ -118,12 +120,7 @@ case "${1:-sizes}" in
       --eager-warmup 1 --eager-iters 3 --variants "$variants" --probe --profile "$profiles" \
       --deadline 480 --gpu-lock "$lock" --title "Candidate engine passes, batch 1 and 8" 2>&1 \
       | "${quiet[@]}" | tee "$out/bench.log"
-    status=${PIPESTATUS[0]}
-    wait "$tests"
-    tests=$?
-    tail -n 20 "$out/pytest.log"
-    echo "pytest exit $tests, bench exit $status"
-    status=$((tests || status))
+    finish_gpu_tests "${PIPESTATUS[0]}"
     ;;
   release)
     engine=/tmp/codetr_release_engine
