@@ -36,6 +36,7 @@ key of its saved compile cache) is the same at both; nothing they make is saved 
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable, Iterable
 
@@ -292,7 +293,7 @@ def merge_shared_input_linears(gm: fx.GraphModule, dtype: torch.dtype | None) ->
             with gm.graph.inserting_before(linears[0]):
                 out = gm.graph.call_function(aten.linear.default, (
                     x, gm.graph.get_attr(f"{name}_weight"), gm.graph.get_attr(f"{name}_bias")))
-                ends = torch.tensor([w.shape[0] for w in weights]).cumsum(0).tolist()
+                ends = itertools.accumulate(w.shape[0] for w in weights)
                 parts = [gm.graph.call_function(aten.slice.Tensor, (out, -1, end - w.shape[0], end))
                          for w, end in zip(weights, ends, strict=True)]
             for linear, part in zip(linears, parts, strict=True):
