@@ -11,17 +11,16 @@
 #                                         # Inductor presets tune-pointwise and autotune-gemm
 #                                         # (their compile cost is part of the answer)
 #   bash bench/device_engine.sh main      # 1152x768 x batch 1, 8, baseline, with profiles
-#   bash bench/device_engine.sh compare   # carry [".baseline"]: the engines of the code in
-#                                         # .baseline/codetr_stream (the last release: `git archive
-#                                         # REV compile plugin daemon | tar -x -C
-#                                         # .baseline/codetr_stream`) against this tree's, batch 1
-#                                         # and 8, eager FP32/FP16, feature probes, kernel-class
-#                                         # profiles, all in one run (~8 min)
 #   CANDIDATES=msda-offsets bash bench/device_engine.sh passes
 #                                         # this tree's default engine against the default plus
 #                                         # each candidate ('+'-joined passes or presets), batch
 #                                         # 1 and 8, eager FP32, feature probes, profiles, with
-#                                         # the GPU tests of the passes beside the builds (~7 min)
+#                                         # the GPU tests of the engine beside the builds (~7 min;
+#                                         # GPU_TESTS='FILE ...' for other test files);
+#                                         # carry [".baseline", ...] to add the default engine as
+#                                         # the code in .baseline/codetr_stream builds it (`git
+#                                         # archive REV compile plugin daemon | tar -x -C
+#                                         # .baseline/codetr_stream`, REV in .baseline/REVISION)
 #   bash bench/device_engine.sh release   # the engine as a user builds it (`codetr-stream
 #                                         # compile --batch 1,8`, timed cold), a daemon-like warm
 #                                         # start (fresh caches), its timing at batch 1 and 8 with
@@ -101,25 +100,22 @@ case "${1:-sizes}" in
       --warm-start baseline 2>&1 | "${quiet[@]}" | tee "$out/bench.log"
     status=${PIPESTATUS[0]}
     ;;
-  compare)
-    label="today's engine ($(cat .baseline/REVISION 2>/dev/null || echo baseline))"
-    timeout 590 "${bench[@]}" --sizes 1152x768 --batches 1,8 --iters 20 --eager fp32,fp16 \
-      --eager-warmup 2 --eager-iters 5 --variants fold-masks+linear-relu+linear-gelu \
-      --baseline-code .baseline --baseline-label "$label" --probe --profile "$profiles" \
-      --warm-start fold-masks+linear-relu+linear-gelu --deadline 450 \
-      --title "Today's engine vs this tree's, batch 1 and 8" 2>&1 \
-      | "${quiet[@]}" | tee "$out/bench.log"
-    status=${PIPESTATUS[0]}
-    ;;
   passes)
-    start_gpu_tests tests/test_msda_offsets.py tests/test_engines_inductor.py
+    # shellcheck disable=SC2086  # GPU_TESTS: test files, split on spaces
+    start_gpu_tests ${GPU_TESTS:-tests/test_reductions.py tests/test_msda_offsets.py \
+      tests/test_engines_inductor.py}
     default=${DEFAULT_PASSES:-fold-masks+linear-relu+linear-gelu+merge-linears+round-norms}
     variants=$default
     for candidate in ${CANDIDATES//,/ }; do variants+=",$default+$candidate"; done
+    baseline=()
+    if [[ -d .baseline/codetr_stream ]]; then
+      baseline=(--baseline-code .baseline --baseline-variant "$default"
+        --baseline-label "$(cat .baseline/REVISION 2>/dev/null || echo baseline) $default")
+    fi
     timeout 590 "${bench[@]}" --sizes 1152x768 --batches 1,8 --iters 20 --eager fp32 \
-      --eager-warmup 1 --eager-iters 3 --variants "$variants" --probe --profile "$profiles" \
-      --deadline 480 --gpu-lock "$lock" --title "Candidate engine passes, batch 1 and 8" 2>&1 \
-      | "${quiet[@]}" | tee "$out/bench.log"
+      --eager-warmup 1 --eager-iters 3 --variants "$variants" "${baseline[@]}" --probe \
+      --profile "$profiles" --deadline 480 --gpu-lock "$lock" \
+      --title "Candidate engine passes, batch 1 and 8" 2>&1 | "${quiet[@]}" | tee "$out/bench.log"
     finish_gpu_tests "${PIPESTATUS[0]}"
     ;;
   release)
@@ -184,7 +180,7 @@ case "${1:-sizes}" in
     status=$((tests || PIPESTATUS[0]))
     ;;
   *)
-    echo "usage: bash bench/device_engine.sh sizes|variants|tuning|main|compare|passes|release|eval|blocks" \
+    echo "usage: bash bench/device_engine.sh sizes|variants|tuning|main|passes|release|eval|blocks" \
       >&2
     exit 2
     ;;

@@ -6,9 +6,9 @@ the batch does not export dynamically), `inductor_cache.bin` (Inductor's portabl
 optionally `aoti_b{N}.pt2` AOTInductor packages where the installed torch can load them.
 FP16 follows `precision.py` (FP16 matrix weights + autocast). At load, the manifest's graph
 passes (`passes.py`) rewrite the program's module, then each batch size is compiled
-(`torch.compile(fullgraph=True)` with the manifest's Inductor options, static shapes), warmed up
-and captured in a CUDA graph; `infer` copies into the graph's static inputs, replays, and clones
-the outputs.
+(`torch.compile(fullgraph=True)` with the manifest's Inductor options and the reduction
+heuristics of `reductions.py`, static shapes), warmed up and captured in a CUDA graph; `infer`
+copies into the graph's static inputs, replays, and clones the outputs.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from codetr_stream.compile.engines import reductions
 from codetr_stream.compile.engines.base import Engine, Outputs
 from codetr_stream.compile.engines.eager import save_config
 from codetr_stream.compile.engines.manifest import Manifest
@@ -92,6 +93,7 @@ class InductorEngine(Engine):
             torch.compiler.load_cache_artifacts(cache.read_bytes())
         aoti = _aoti_problem() is None and programs is None
         prepared: dict[str, tuple[PrecisionWrapper, Callable[[Tensor, Tensor], Outputs]]] = {}
+        options = {**reductions.compile_options(), **manifest.inductor_options}
         for b in manifest.batch_sizes:
             package = manifest.files.get(f"aoti_b{b}")
             if aoti and package:
@@ -101,12 +103,12 @@ class InductorEngine(Engine):
             if name not in prepared:
                 program = programs[b] if programs else _load_program(self.path / name)
                 module = self._prepare(program)
-                prepared[name] = module, torch.compile(
-                    module, fullgraph=True, dynamic=False,
-                    options=dict(manifest.inductor_options) or None)
+                prepared[name] = module, torch.compile(module, fullgraph=True, dynamic=False,
+                                                       options=options)
             self.modules[b], fn = prepared[name]
             started = time.perf_counter()
-            self._graphs[b] = _Graph(fn, b, manifest.input_hw, device)
+            with reductions.installed():  # the warm-up compiles
+                self._graphs[b] = _Graph(fn, b, manifest.input_hw, device)
             self.compile_seconds[str(b)] = round(time.perf_counter() - started, 2)
 
     def _prepare(self, program: torch.export.ExportedProgram) -> PrecisionWrapper:
