@@ -179,7 +179,6 @@ def msda_offsets_fwd_kernel(
     BLOCK_Q: tl.constexpr,
     BLOCK_D: tl.constexpr,
     CHUNK: tl.constexpr,
-    BLOCK_LP: tl.constexpr,
 ):
     """`msda_fwd_kernel` with the sampling locations and attention weights made here, from
     what the layer's projections give, instead of read as FP32 tensors written by other kernels.
@@ -197,11 +196,16 @@ def msda_offsets_fwd_kernel(
     logit_row = logits_ptr + bq * logits_row_stride + h * (LEVELS * POINTS)
     offset_row = offsets_ptr + bq * offsets_row_stride + h * (LEVELS * POINTS * 2)
     ref_row = ref_ptr + bq * (LEVELS * REF_DIMS)
-    # The softmax's max and sum over the L*P logits first; each weight is made in the loop.
-    lp = tl.arange(0, BLOCK_LP)[None, :]
-    logits = tl.load(logit_row[:, None] + lp, mask=lp < LEVELS * POINTS, other=float("-inf"))
-    peak = tl.max(logits.to(tl.float32), 1)
-    scale = 1.0 / tl.sum(tl.exp(logits.to(tl.float32) - peak[:, None]), 1)
+    # The softmax's max and sum over the L*P logits first, one logit of every query at a time
+    # (vectors in the queries' layout: a [queries, L*P] tile's reductions would be converted to
+    # it through shared memory at every use); each weight is made in the loop.
+    peak = tl.load(logit_row).to(tl.float32)
+    for k in tl.static_range(1, LEVELS * POINTS):
+        peak = tl.maximum(peak, tl.load(logit_row + k).to(tl.float32))
+    total = tl.zeros_like(peak)
+    for k in tl.static_range(LEVELS * POINTS):
+        total += tl.exp(tl.load(logit_row + k).to(tl.float32) - peak)
+    scale = 1.0 / total
     acc = tl.zeros([BLOCK_Q, BLOCK_D // CHUNK, CHUNK], dtype=tl.float32)
     for lvl in range(LEVELS):  # rolled, as in msda_fwd_kernel
         h_l = tl.load(shapes_ptr + 2 * lvl).to(tl.int32)
@@ -209,6 +213,8 @@ def msda_offsets_fwd_kernel(
         start = tl.load(starts_ptr + lvl).to(tl.int32)
         rx = tl.load(ref_row + lvl * REF_DIMS)
         ry = tl.load(ref_row + lvl * REF_DIMS + 1)
+        inv_w = 1.0 / w_l.to(tl.float32)
+        inv_h = 1.0 / h_l.to(tl.float32)
         if REF_DIMS == 4:
             rw = tl.load(ref_row + lvl * REF_DIMS + 2)
             rh = tl.load(ref_row + lvl * REF_DIMS + 3)
@@ -216,14 +222,15 @@ def msda_offsets_fwd_kernel(
             j = lvl * POINTS + p
             a = tl.exp(tl.load(logit_row + j).to(tl.float32) - peak) * scale
             ox, oy = tl.split(tl.load(offset_row[:, None] + 2 * j + tl.arange(0, 2)[None, :]))
-            # The layer's float32 operations in its order, IEEE-rounded divisions included, so
-            # the locations are the ones the graph would have written.
+            # The layer's float32 formula in its order, its divisions by the level size as
+            # multiplications by the reciprocal (within an ulp of the division: 2e-5 px at the
+            # largest level; IEEE divisions cost 22 more registers and fewer programs per SM).
             if REF_DIMS == 2:
-                lx = rx + tl.math.div_rn(ox.to(tl.float32), w_l.to(tl.float32))
-                ly = ry + tl.math.div_rn(oy.to(tl.float32), h_l.to(tl.float32))
+                lx = rx + ox.to(tl.float32) * inv_w
+                ly = ry + oy.to(tl.float32) * inv_h
             else:
-                lx = rx + tl.math.div_rn(ox.to(tl.float32), float(POINTS)) * rw * 0.5
-                ly = ry + tl.math.div_rn(oy.to(tl.float32), float(POINTS)) * rh * 0.5
+                lx = rx + ox.to(tl.float32) * (1.0 / POINTS) * rw * 0.5
+                ly = ry + oy.to(tl.float32) * (1.0 / POINTS) * rh * 0.5
             acc = _sample(acc, rows, lx, ly, a, w_l, h_l, start, row_stride, d_mask, False)
     out = out_ptr + (bq * num_heads + h)[:, None, None] * DIM + d
     mask = q_mask[:, None, None] if d_mask is None else q_mask[:, None, None] & d_mask
@@ -313,7 +320,7 @@ def ms_deform_attn_offsets_triton(
         value, spatial_shapes.contiguous(), level_start_index.contiguous(),
         reference.contiguous(), offsets, logits, tokens, queries, heads, offsets.stride(1),
         logits.stride(1), out, DIM=dim, LEVELS=levels, POINTS=points, REF_DIMS=ref_dims,
-        BLOCK_LP=triton.next_power_of_2(levels * points), num_warps=config.num_warps,
+        num_warps=config.num_warps,
         **{k: v for k, v in config.constexprs(dim, value.element_size()).items()
            if k != "HALF_BILINEAR"},
     )

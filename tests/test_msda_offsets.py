@@ -83,8 +83,9 @@ def test_kernel_matches_float64_formula(interpreted, case):
 
 @pytest.mark.parametrize("case", CASES)
 def test_kernel_matches_the_op_given_the_layers_locations(interpreted, case):
-    """The same locations (the layer's float32 arithmetic, IEEE divisions) and the same gather:
-    only the softmax's rounding differs (FP16 outputs: at most one FP16 step apart)."""
+    """The layer's locations (within an ulp: the kernel multiplies by the level size's reciprocal)
+    and the same gather: only those roundings and the softmax's differ (FP16 outputs: at most one
+    FP16 step apart)."""
     assert interpreted[case][1] <= (1e-6 if CASES[case][-1] == "float32" else 4e-3)
 
 
