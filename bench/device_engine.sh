@@ -16,7 +16,7 @@
 #                                         # each candidate ('+'-joined passes or presets), batch
 #                                         # 1 and 8, eager FP32, feature probes, profiles, with
 #                                         # the GPU tests of the engine beside the builds (~7 min;
-#                                         # GPU_TESTS='FILE ...' for other test files);
+#                                         # GPU_TESTS='FILE ...' for other test files, '' none);
 #                                         # carry [".baseline", ...] to add the default engine as
 #                                         # the code in .baseline/codetr_stream builds it (`git
 #                                         # archive REV compile plugin daemon | tar -x -C
@@ -60,16 +60,20 @@ status=0
 # time, after its builds, so the two share the call without sharing a timing.
 # finish_gpu_tests BENCH_STATUS: wait for them, show their summary, combine the two statuses.
 start_gpu_tests() {
+  tests_pid=
+  (($#)) || return 0
   timeout 560 python3 -c "$locked" "$lock" -m pytest -p no:cacheprovider -m gpu -q -rA "$@" \
     >"$out/pytest.log" 2>&1 &
   tests_pid=$!
   sleep 2
 }
 finish_gpu_tests() {
-  local tests
-  wait "$tests_pid"
-  tests=$?
-  tail -n 30 "$out/pytest.log"
+  local tests=0
+  if [[ -n $tests_pid ]]; then
+    wait "$tests_pid"
+    tests=$?
+    tail -n 30 "$out/pytest.log"
+  fi
   echo "pytest exit $tests, bench exit $1"
   status=$((tests || $1))
 }
@@ -102,7 +106,7 @@ case "${1:-sizes}" in
     ;;
   passes)
     # shellcheck disable=SC2086  # GPU_TESTS: test files, split on spaces
-    start_gpu_tests ${GPU_TESTS:-tests/test_reductions.py tests/test_msda_offsets.py \
+    start_gpu_tests ${GPU_TESTS-tests/test_reductions.py tests/test_msda_offsets.py \
       tests/test_engines_inductor.py}
     default=${DEFAULT_PASSES:-fold-masks+linear-relu+linear-gelu+merge-linears+round-norms}
     variants=$default
