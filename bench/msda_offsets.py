@@ -93,7 +93,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=20)
     args = parser.parse_args()
-    compiled = {name: torch.compile(fn, fullgraph=True, dynamic=False) for name, fn in VARIANTS.items()}
+    compiled = {name: torch.compile(fn, fullgraph=True, dynamic=False)
+                for name, fn in VARIANTS.items()}
     print(f"### MSDA sampling step: the layer's arithmetic + op vs the offsets kernel\n\n"
           f"{torch.cuda.get_device_name()}, torch {torch.__version__}, "
           f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; "
