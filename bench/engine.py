@@ -97,6 +97,8 @@ def warm_start(engine_dir: Path) -> str:
             "e.infer(*example_inputs(b, e.input_hw, e.device));"
             "torch.cuda.synchronize() if torch.cuda.is_available() else None;"
             "from torch._dynamo.utils import counters; c = counters['inductor'];"
+            "print(dict(e.load_seconds, **{f'batch {b}': s for b, s in"
+            " e.compile_seconds.items()}));"
             "print(time.perf_counter() - t, c['fxgraph_cache_hit'], c['fxgraph_cache_miss'],"
             " c['fxgraph_cache_bypass'])")
     with tempfile.TemporaryDirectory() as fresh:
@@ -106,10 +108,11 @@ def warm_start(engine_dir: Path) -> str:
                              text=True)
     if out.returncode != 0:
         return f"warm start failed: {out.stderr.strip()[-300:]}"
-    seconds, hit, miss, bypass = out.stdout.strip().splitlines()[-1].split()
+    *_, phases, last = out.stdout.strip().splitlines()
+    seconds, hit, miss, bypass = last.split()
     return (f"warm start (fresh process, empty local caches, the engine's saved Inductor "
             f"cache): load + first inference {float(seconds):.1f} s; FX graph cache {hit} hit, "
-            f"{miss} miss, {bypass} bypass")
+            f"{miss} miss, {bypass} bypass; phases (s) {phases}")
 
 
 def eager_rows(model: torch.nn.Module, fp16: torch.nn.Module | None, hw: tuple[int, int],

@@ -17,7 +17,8 @@ import logging
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -83,14 +84,17 @@ class InductorEngine(Engine):
     def __init__(self, path: Path, manifest: Manifest, device: torch.device, *,
                  programs: dict[int, torch.export.ExportedProgram] | None = None) -> None:
         super().__init__(path, manifest, device)
-        self.compile_seconds: dict[str, float] = {}
+        self.compile_seconds: dict[str, float] = {}  # per batch size: compile, warm-up, graph
+        # The rest of a start (a daemon's start is these plus compile_seconds).
+        self.load_seconds = {"compile cache": 0.0, "programs": 0.0, "passes": 0.0}
         self.pass_sites: dict[str, int] = {}
         self._graphs: dict[int, _Graph] = {}
         self._runners: dict[int, Callable[[Tensor, Tensor], Outputs]] = {}
         self.modules: dict[int, PrecisionWrapper] = {}
         cache = self.path / manifest.files.get("inductor_cache", CACHE_FILE)
         if programs is None and cache.is_file():
-            torch.compiler.load_cache_artifacts(cache.read_bytes())
+            with self._timed("compile cache"):
+                torch.compiler.load_cache_artifacts(cache.read_bytes())
         aoti = _aoti_problem() is None and programs is None
         prepared: dict[str, tuple[PrecisionWrapper, Callable[[Tensor, Tensor], Outputs]]] = {}
         options = {**reductions.compile_options(), **manifest.inductor_options}
@@ -101,7 +105,8 @@ class InductorEngine(Engine):
                 continue
             name = manifest.files[f"program_b{b}"]
             if name not in prepared:
-                program = programs[b] if programs else _load_program(self.path / name)
+                with self._timed("programs"):
+                    program = programs[b] if programs else _load_program(self.path / name)
                 module = self._prepare(program)
                 prepared[name] = module, torch.compile(module, fullgraph=True, dynamic=False,
                                                        options=options)
@@ -110,17 +115,31 @@ class InductorEngine(Engine):
             with reductions.installed():  # the warm-up compiles
                 self._graphs[b] = _Graph(fn, b, manifest.input_hw, device)
             self.compile_seconds[str(b)] = round(time.perf_counter() - started, 2)
+        phases = [f"{phase} {s:.1f} s" for phase, s in self.load_seconds.items()]
+        phases += [f"batch {b} compile + warm-up {s:.1f} s"
+                   for b, s in self.compile_seconds.items()]
+        log.info("inductor engine started: %s", ", ".join(phases))
+
+    @contextmanager
+    def _timed(self, phase: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.load_seconds[phase] += round(time.perf_counter() - started, 2)
 
     def _prepare(self, program: torch.export.ExportedProgram) -> PrecisionWrapper:
-        module = _on_device(program.module(), self.device)
-        if self.manifest.precision == "fp16":
-            drop_dtype_asserts(module)
-        for param in module.parameters():
-            param.requires_grad_(False)
-        wrapped = PrecisionWrapper(module, self.device, self.manifest.precision)
+        with self._timed("programs"):
+            module = _on_device(program.module(), self.device)
+            if self.manifest.precision == "fp16":
+                drop_dtype_asserts(module)
+            for param in module.parameters():
+                param.requires_grad_(False)
+            wrapped = PrecisionWrapper(module, self.device, self.manifest.precision)
         # After the FP16 weight copies: folded masks are computed from the weights as they run.
-        self.pass_sites = apply_passes(module, self.manifest.passes,
-                                       compute_dtype(self.manifest.precision))
+        with self._timed("passes"):
+            self.pass_sites = apply_passes(module, self.manifest.passes,
+                                           compute_dtype(self.manifest.precision))
         return wrapped
 
     def _run(self, images: Tensor, masks: Tensor) -> Outputs:
