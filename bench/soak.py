@@ -263,7 +263,10 @@ class Footprint:
         for fd in Path("/proc/self/fd").iterdir():
             with contextlib.suppress(OSError):  # the fd of iterdir itself is gone by now
                 kinds[re.sub(r":\[\d+\]$", "", os.readlink(fd))] += 1
-        names = Counter(comm.read_text().strip() for comm in Path("/proc/self/task").glob("*/comm"))
+        names: Counter[str] = Counter()
+        for comm in Path("/proc/self/task").glob("*/comm"):
+            with contextlib.suppress(OSError):  # a thread that ended since the listing
+                names[comm.read_text().strip()] += 1
         return cls(sample_process(), kinds, names,
                    frozenset(t.ident for t in threading.enumerate()))
 
