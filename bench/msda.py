@@ -34,6 +34,7 @@ import sys
 from pathlib import Path
 
 import torch
+from codetr_stream.compile.model.deformable import level_shape_tensors
 from codetr_stream.plugin.kernel import LaunchConfig, launch_config, ms_deform_attn_triton
 from codetr_stream.plugin.reference import ms_deform_attn_reference
 from msda_baselines import ms_deform_attn_baseline
@@ -72,10 +73,8 @@ def make_case(kind: str, batch: int, dtypes: str, seed: int = 0, locality: str =
     value_dtype, loc_dtype = DTYPES[dtypes]
     gen = torch.Generator(device=DEVICE).manual_seed(seed)
     cuda = dict(device=DEVICE)
-    shapes = torch.tensor(LEVELS, dtype=torch.int64, **cuda)
-    areas = shapes[:, 0] * shapes[:, 1]
-    starts = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
-    tokens = int(areas.sum())
+    shapes, starts = level_shape_tensors(LEVELS, torch.device(DEVICE))
+    tokens = sum(h * w for h, w in LEVELS)
     wh = shapes.flip(-1).to(torch.float32)  # (L,2) as (w,h)
     value = torch.randn(batch, tokens, HEADS, DIM, generator=gen, **cuda)
     queries = tokens if kind == "encoder" else DECODER_QUERIES

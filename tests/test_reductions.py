@@ -5,6 +5,7 @@ Inductor's."""
 from __future__ import annotations
 
 import ast
+import contextlib
 import re
 
 import pytest
@@ -36,10 +37,7 @@ def _reduction_kernels(inputs: tuple[torch.Tensor, ...], choices: bool,
     torch._dynamo.reset()
     options = {"fx_graph_cache": False, **(reductions.compile_options() if choices else {})}
     fn = torch.compile(_patch_embed, fullgraph=True, options=options)
-    if choices:
-        with reductions.installed():
-            out, sources = run_and_get_code(fn, *inputs)
-    else:
+    with reductions.installed() if choices else contextlib.nullcontext():
         out, sources = run_and_get_code(fn, *inputs)
     torch.testing.assert_close(out, _patch_embed(*inputs), atol=4e-3, rtol=4e-3)
     kernels = [(heuristic, ast.literal_eval(sizes)["r0_"], hint)
