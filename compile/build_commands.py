@@ -106,8 +106,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=_batches, default=[1, 2, 4, 8], help="e.g. 1,2,4,8")
     p.add_argument("--backend", choices=BACKENDS, default=None,
                    help="default: inductor on a GPU, eager on the CPU")
-    p.add_argument("--aoti", action="store_true",
-                   help="inductor: also package AOTInductor .pt2 files where torch can load them")
     p.add_argument("--passes", type=_passes, default=list(DEFAULT_PASSES),
                    metavar="A,B", help="inductor: engine graph passes (compile/engines/passes.py; "
                    f"default {','.join(DEFAULT_PASSES)}; '' for none)")
@@ -308,7 +306,7 @@ def _build(args: argparse.Namespace, cfg: Any, name: str, config: dict[str, Any]
         bar.update()
         bar.set_postfix_str(f"{backend} build")
         started = time.perf_counter()
-        options = {"aoti": args.aoti, "passes": args.passes} if backend == "inductor" else {}
+        options = {"passes": args.passes} if backend == "inductor" else {}
         engine, manifest = build_engine(
             model, args.out, backend=backend, precision=precision, input_hw=args.size,
             batch_sizes=args.batch, config_name=name, config=config, device=device,

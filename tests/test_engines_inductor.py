@@ -1,6 +1,7 @@
-"""The Inductor backend: its FP32 engine equals eager (CPU); on the GPU its FP16 engine tracks
-FP32 eager and a fresh process starts from the engine's saved compile cache. Both with and
-without the engine graph passes (compile/engines/passes.py)."""
+"""The Inductor backend: its FP32 engine, as built and as loaded back from its files, equals
+eager (CPU); on the GPU its FP16 engine tracks FP32 eager and a fresh process starts from the
+engine's saved compiled graphs without compiling. Both with and without the engine graph passes
+(compile/engines/passes.py)."""
 
 from __future__ import annotations
 
@@ -11,15 +12,16 @@ import pytest
 import torch
 from codetr_stream.compile import build_model
 from codetr_stream.compile.build_commands import DEFAULT_PASSES
-from codetr_stream.compile.engines import Manifest, build_engine
+from codetr_stream.compile.engines import Manifest, ManifestError, build_engine, load_engine
+from codetr_stream.compile.engines.manifest import current_environment
 from codetr_stream.compile.engines.precision import PrecisionWrapper
 from codetr_stream.compile.export import example_inputs
 from engine_helpers import score_drift_in_fresh_process
 
 HW = (128, 160)
 PASSES = pytest.mark.parametrize("passes", [[], list(DEFAULT_PASSES)], ids=["baseline", "passes"])
-# A fresh process that recompiles instead of reading the engine's saved cache still gets the
-# right answer, only minutes later; at exit this turns a recompile into exit code 3.
+# A fresh process that compiled anything instead of reading the engine's saved graphs would
+# still get the right answer, only minutes later; at exit this turns a compile into exit code 3.
 NO_RECOMPILE = ("import atexit, os; from torch._dynamo.utils import counters;"
                 "atexit.register(lambda c=counters['inductor']: (c['fxgraph_cache_miss'] or"
                 " c['fxgraph_cache_bypass']) and (print('recompiled, not from the cache:',"
@@ -49,22 +51,42 @@ def _assert_parity(got: tuple, want: tuple) -> None:
 @PASSES
 def test_fp32_inductor_engine_equals_eager(data_dir: Path, tmp_path: Path, tiny_config,
                                            passes: list[str]) -> None:
-    """One batch size only: every compiled shape costs minutes of C++ builds on 2 CPU cores."""
+    """One batch size only: every compiled shape costs minutes of C++ builds on 2 CPU cores.
+    The engine loaded back from its files (weights and compiled graph) gives the same outputs."""
     model, config = _tiny(data_dir, tiny_config)
     engine, manifest = build_engine(model, tmp_path, backend="inductor", precision="fp32",
                                     input_hw=HW, batch_sizes=[1], config_name="tiny",
                                     config=config, device="cpu", passes=passes)
-    assert {"program_b1", "inductor_cache", "config"} <= manifest.files.keys()
-    assert Manifest.load(tmp_path).passes == passes  # re-applied by every load
+    assert {"program_b1", "weights_b1", "inductor_b1", "config"} <= manifest.files.keys()
+    assert Manifest.load(tmp_path).passes == passes  # what the rebuild command repeats
     assert (f"--passes {','.join(DEFAULT_PASSES)}" in manifest.rebuild_command(tmp_path)
             ) == bool(passes)
     if passes:  # round-norms rounds in FP16 engines only
-        assert engine.pass_sites == {"fold-masks": 5, "linear-relu": 14, "linear-gelu": 5,
-                                     "merge-linears": 5, "round-norms": 0}
+        assert manifest.measured["pass_sites"] == {
+            "fold-masks": 5, "linear-relu": 14, "linear-gelu": 5, "merge-linears": 5,
+            "round-norms": 0}
     images, masks = _inputs(1, "cpu")
     with torch.no_grad():
         want = model(images, masks)
-    _assert_parity(engine.infer(images, masks), want)
+    built = engine.infer(images, masks)
+    _assert_parity(built, want)
+    loaded = load_engine(tmp_path, "cpu")
+    assert {"weights", "compiled graphs"} <= loaded.start_seconds.keys()
+    for got, expected in zip(loaded.infer(images, masks), built, strict=True):
+        assert torch.equal(got, expected)
+
+
+def test_an_engine_without_compiled_graphs_is_refused_with_the_rebuild_command(
+        tmp_path: Path, tiny_config) -> None:
+    """An Inductor engine from before its compiled graphs were saved (a compile cache instead)."""
+    env = current_environment("cpu")
+    manifest = Manifest(backend="inductor", precision="fp32", input_hw=HW, batch_sizes=[1],
+                        config_name="tiny", config=tiny_config.to_dict(), class_names=[],
+                        random_weights=True, seed=0, versions=env["versions"])
+    manifest.save(tmp_path)
+    with pytest.raises(ManifestError, match="no compiled graphs .*rebuild it: codetr-stream "
+                                            "compile"):
+        load_engine(tmp_path, "cpu")
 
 
 @pytest.mark.slow
@@ -81,13 +103,15 @@ def test_rebuilding_into_an_engine_directory_replaces_its_programs(tiny_config,
     images, masks = _inputs(1, "cpu")
     program = torch.export.load(str(tmp_path / "program_b1.pt2")).module()
     with torch.no_grad():
-        _assert_parity(program(images, masks), model(images, masks))
+        want = model(images, masks)
+        _assert_parity(program(images, masks), want)
+    _assert_parity(load_engine(tmp_path, "cpu").infer(images, masks), want)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("passes", [[], list(DEFAULT_PASSES), [*DEFAULT_PASSES, "msda-offsets"]],
                          ids=["baseline", "passes", "passes+msda-offsets"])
-def test_fp16_engine_tracks_fp32_eager_and_restarts_from_its_cache(data_dir: Path,
+def test_fp16_engine_tracks_fp32_eager_and_restarts_from_its_compiled_graphs(data_dir: Path,
                                                                    tmp_path: Path, tiny_config,
                                                                    passes: list[str]) -> None:
     model, config = _tiny(data_dir, tiny_config)
@@ -100,8 +124,8 @@ def test_fp16_engine_tracks_fp32_eager_and_restarts_from_its_cache(data_dir: Pat
         want = model(images, masks)
         half = PrecisionWrapper(copy.deepcopy(model), torch.device("cuda"), "fp16")
         eager_drift = (half(images, masks)[1] - want[1]).abs().max().item()
-    # A fresh process with empty compiler caches: load_engine restores the engine's saved
-    # Inductor cache (Triton kernels included), finds every graph in it, runs the CUDA graphs.
+    # A fresh process with empty compiler caches: load_engine reads the engine's compiled graphs
+    # (Triton kernels included) and weights, compiles nothing, runs the CUDA graphs.
     fresh = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "fresh" / "inductor"),
              "TRITON_CACHE_DIR": str(tmp_path / "fresh" / "triton")}
     drift = score_drift_in_fresh_process(tmp_path, images, masks, want, setup=NO_RECOMPILE,

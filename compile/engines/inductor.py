@@ -1,47 +1,42 @@
 """Backend "inductor": the exported program compiled by TorchInductor, one CUDA graph per batch.
 
 Files: `program.pt2` (torch.export.save; one dynamic-batch program, or `program_b{N}.pt2` where
-the batch does not export dynamically), `inductor_cache.bin` (Inductor's portable compile cache,
-`torch.compiler.save_cache_artifacts`, so a daemon start skips codegen and autotuning), and
-optionally `aoti_b{N}.pt2` AOTInductor packages where the installed torch can load them.
-FP16 follows `precision.py` (FP16 matrix weights + autocast). At load, the manifest's graph
-passes (`passes.py`) rewrite the program's module, then each batch size is compiled
-(`torch.compile(fullgraph=True)` with the manifest's Inductor options and the reduction
-heuristics of `reductions.py`, static shapes), warmed up and captured in a CUDA graph; `infer`
-copies into the graph's static inputs, replays, and clones the outputs.
+the batch does not export dynamically), the compiled graph of each batch size
+(`inductor_b{N}.bin`, `artifact.py`) and the weights those graphs take as inputs
+(`program_weights.pt`, one per program). At build each program's module gets the FP16 policy's
+weights (`precision.py`) and the manifest's graph passes (`passes.py`), then each batch size is
+compiled (static shapes, the reduction heuristics of `reductions.py`, the manifest's Inductor
+options) and saved. A load reads weights and compiled graphs back and traces and compiles
+nothing. Either way each batch size is warmed up and captured in a CUDA graph; `infer` copies
+into the graph's static inputs, replays, and clones the outputs.
 """
 
 from __future__ import annotations
 
 import logging
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-from codetr_stream.compile.engines import reductions
+from codetr_stream.compile.engines import artifact
 from codetr_stream.compile.engines.base import Engine, Outputs
 from codetr_stream.compile.engines.eager import save_config
-from codetr_stream.compile.engines.manifest import Manifest
+from codetr_stream.compile.engines.manifest import Manifest, ManifestError
 from codetr_stream.compile.engines.passes import apply_passes, check_passes
 from codetr_stream.compile.engines.precision import (
-    PrecisionWrapper,
     compute_dtype,
     drop_dtype_asserts,
+    half_matrices_,
 )
-from codetr_stream.compile.export import example_inputs, export_for_batches, export_model
-from torch import Tensor, nn
+from codetr_stream.compile.export import example_inputs, export_for_batches
+from torch import Tensor, fx, nn
 
 log = logging.getLogger(__name__)
 
-CACHE_FILE = "inductor_cache.bin"
-# torch builds whose `aoti_load_package` crashes the process for any package (the GPU machine's
-# torch 2.11.0+cu130, on CPU and CUDA, even a single Linear layer: README, "The MSDA kernel").
-AOTI_BROKEN_TORCH = ("2.11.",)
+Runner = Callable[[Tensor, Tensor], Outputs]
 
 
 def _program_files(batch_sizes: list[int], shared: bool) -> dict[int, str]:
@@ -49,105 +44,136 @@ def _program_files(batch_sizes: list[int], shared: bool) -> dict[int, str]:
 
 
 def build(model: nn.Module, out_dir: Path, manifest: Manifest, device: torch.device, *,
-          aoti: bool = False, passes: tuple[str, ...] | list[str] = (),
+          passes: tuple[str, ...] | list[str] = (),
           inductor_options: dict[str, Any] | None = None) -> InductorEngine:
-    """Export, save, compile every batch size (filling Inductor's cache) and save the cache.
+    """Export, prepare (FP16 weights, graph passes), compile and save every batch size.
 
-    `passes` (names from passes.py) and `inductor_options` (torch.compile options) are recorded
-    in the manifest and re-applied at every load."""
+    `passes` (names from passes.py) and `inductor_options` (Inductor config) are recorded in the
+    manifest; the saved graphs hold what they did."""
     manifest.passes = check_passes(passes)
     manifest.inductor_options = dict(inductor_options or {})
+    manifest.device_index = device.index
     save_config(out_dir, manifest)
     programs = export_for_batches(model, manifest.input_hw, manifest.batch_sizes, device)
     shared = len({id(p) for p in programs.values()}) == 1 and len(programs) > 1
-    names = _program_files(manifest.batch_sizes, shared)
-    for b, program in programs.items():
-        if names[b] not in manifest.files.values():  # a shared program: one file, saved once
-            torch.export.save(program, str(out_dir / names[b]))
-        manifest.files[f"program_b{b}"] = names[b]
+    for b, name in _program_files(manifest.batch_sizes, shared).items():
+        if name not in manifest.files.values():  # a shared program: one file, saved once
+            torch.export.save(programs[b], str(out_dir / name))
+        manifest.files[f"program_b{b}"] = name
     manifest.notes.append("batch dimension exported dynamic (one program)" if shared
                           else "batch exported static (one program per batch size)")
-    engine = InductorEngine(out_dir, manifest, device, programs=programs)
-    manifest.measured["compile_seconds"] = engine.compile_seconds
-    if engine.pass_sites:
-        manifest.measured["pass_sites"] = engine.pass_sites
-    saved = torch.compiler.save_cache_artifacts()
-    if saved is not None:
-        (out_dir / CACHE_FILE).write_bytes(saved[0])
-        manifest.files["inductor_cache"] = CACHE_FILE
-    if aoti:
-        _build_aoti(engine, out_dir, manifest, device)
-    return engine
+    runners = _compile(programs, manifest, device, out_dir)
+    return InductorEngine(out_dir, manifest, device, runners=runners)
+
+
+def _compile(programs: dict[int, torch.export.ExportedProgram], manifest: Manifest,
+             device: torch.device, out_dir: Path | None) -> dict[int, Runner]:
+    """Each batch size's program prepared and compiled, with its weights bound; with `out_dir`,
+    weights and compiled graphs are saved there (named in `manifest.files`), and how long each
+    compile took is in `manifest.measured`."""
+    flat: dict[str, tuple[fx.GraphModule, list[Tensor]]] = {}
+    runners: dict[int, Runner] = {}
+    seconds: dict[str, float] = {}
+    for b in manifest.batch_sizes:
+        name = manifest.files[f"program_b{b}"]
+        weights_name = name.removesuffix(".pt2") + "_weights.pt"
+        if name not in flat:  # a shared program: prepared once
+            module, manifest.measured["pass_sites"] = _prepare(programs[b], manifest, device)
+            graph, weights = artifact.flatten(module, manifest.precision)
+            if out_dir is not None:
+                artifact.save_weights(weights, out_dir / weights_name)
+            flat[name] = graph, list(weights.values())
+        graph, weights = flat[name]
+        started = time.perf_counter()
+        images, masks = example_inputs(b, manifest.input_hw, device)
+        compiled = artifact.compile_graph(graph, weights, images, masks, manifest.precision,
+                                          manifest.inductor_options)
+        seconds[str(b)] = _since(started)
+        runners[b] = partial(compiled, *weights)
+        if out_dir is not None:
+            compiled.save(path=str(out_dir / f"inductor_b{b}.bin"), format="binary")
+            manifest.files.update({f"weights_b{b}": weights_name,
+                                   f"inductor_b{b}": f"inductor_b{b}.bin"})
+            manifest.measured["compile_seconds"] = seconds
+    return runners
+
+
+def _prepare(program: torch.export.ExportedProgram, manifest: Manifest,
+             device: torch.device) -> tuple[fx.GraphModule, dict[str, int]]:
+    """The program's module on `device` with the engine precision's weights (FP16 matrices),
+    then the manifest's passes (after the FP16 copies: folded masks are computed from the
+    weights as they are); with how many sites each pass rewrote."""
+    module = _on_device(program.module(), device)
+    if manifest.precision == "fp16":
+        half_matrices_(drop_dtype_asserts(module))
+    for param in module.parameters():
+        param.requires_grad_(False)
+    return module, apply_passes(module, manifest.passes, compute_dtype(manifest.precision))
 
 
 class InductorEngine(Engine):
+    """The compiled graphs of every batch size, each replayed as a CUDA graph (on CUDA).
+
+    `runners` (batch size -> the compiled graph with its weights bound) come from `build`;
+    without them the engine directory's files are loaded."""
+
     def __init__(self, path: Path, manifest: Manifest, device: torch.device, *,
-                 programs: dict[int, torch.export.ExportedProgram] | None = None) -> None:
+                 runners: dict[int, Runner] | None = None) -> None:
         super().__init__(path, manifest, device)
-        self.compile_seconds: dict[str, float] = {}  # per batch size: compile, warm-up, graph
-        # The rest of a start (a daemon's start is these plus compile_seconds).
-        self.load_seconds = {"compile cache": 0.0, "programs": 0.0, "passes": 0.0}
-        self.pass_sites: dict[str, int] = {}
+        # How long each part of a start took, in seconds (a daemon's start is their sum).
+        self.start_seconds: dict[str, float] = {}
+        if runners is None:
+            runners = self._load()
         self._graphs: dict[int, _Graph] = {}
-        self._runners: dict[int, Callable[[Tensor, Tensor], Outputs]] = {}
-        self.modules: dict[int, PrecisionWrapper] = {}
-        cache = self.path / manifest.files.get("inductor_cache", CACHE_FILE)
-        if programs is None and cache.is_file():
-            with self._timed("compile cache"):
-                torch.compiler.load_cache_artifacts(cache.read_bytes())
-        aoti = _aoti_problem() is None and programs is None
-        prepared: dict[str, tuple[PrecisionWrapper, Callable[[Tensor, Tensor], Outputs]]] = {}
-        options = {**reductions.compile_options(), **manifest.inductor_options}
         for b in manifest.batch_sizes:
-            package = manifest.files.get(f"aoti_b{b}")
-            if aoti and package:
-                self._runners[b] = _aoti_runner(self.path / package)
-                continue
-            name = manifest.files[f"program_b{b}"]
-            if name not in prepared:
-                with self._timed("programs"):
-                    program = programs[b] if programs else _load_program(self.path / name)
-                module = self._prepare(program)
-                prepared[name] = module, torch.compile(module, fullgraph=True, dynamic=False,
-                                                       options=options)
-            self.modules[b], fn = prepared[name]
             started = time.perf_counter()
-            with reductions.installed():  # the warm-up compiles
-                self._graphs[b] = _Graph(fn, b, manifest.input_hw, device)
-            self.compile_seconds[str(b)] = round(time.perf_counter() - started, 2)
-        phases = [f"{phase} {s:.1f} s" for phase, s in self.load_seconds.items()]
-        phases += [f"batch {b} compile + warm-up {s:.1f} s"
-                   for b, s in self.compile_seconds.items()]
-        log.info("inductor engine started: %s", ", ".join(phases))
+            self._graphs[b] = _Graph(runners[b], b, manifest.input_hw, device)
+            self.start_seconds[f"batch {b} warm-up + graph"] = _since(started)
+        log.info("inductor engine started: %s",
+                 ", ".join(f"{phase} {s:.1f} s" for phase, s in self.start_seconds.items()))
 
-    @contextmanager
-    def _timed(self, phase: str) -> Iterator[None]:
+    def _load(self) -> dict[int, Runner]:
+        files, built_on = self.manifest.files, self.manifest.device_index
+        if any(f"inductor_b{b}" not in files for b in self.manifest.batch_sizes):
+            raise ManifestError(
+                f"{self.path}: no compiled graphs (an Inductor engine from before they were "
+                f"saved); rebuild it: {self.manifest.rebuild_command(self.path, str(self.device))}")
+        if self.device.index != built_on:
+            return self._compile_here()
         started = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.load_seconds[phase] += round(time.perf_counter() - started, 2)
+        weights = {name: artifact.load_weights(self.path / name, self.device)
+                   for name in {files[f"weights_b{b}"] for b in self.manifest.batch_sizes}}
+        self.start_seconds["weights"] = _since(started)
+        started = time.perf_counter()
+        runners = {b: partial(artifact.load(self.path / files[f"inductor_b{b}"]),
+                              *weights[files[f"weights_b{b}"]])
+                   for b in self.manifest.batch_sizes}
+        self.start_seconds["compiled graphs"] = _since(started)
+        return runners
 
-    def _prepare(self, program: torch.export.ExportedProgram) -> PrecisionWrapper:
-        with self._timed("programs"):
-            module = _on_device(program.module(), self.device)
-            if self.manifest.precision == "fp16":
-                drop_dtype_asserts(module)
-            for param in module.parameters():
-                param.requires_grad_(False)
-            wrapped = PrecisionWrapper(module, self.device, self.manifest.precision)
-        # After the FP16 weight copies: folded masks are computed from the weights as they run.
-        with self._timed("passes"):
-            self.pass_sites = apply_passes(module, self.manifest.passes,
-                                           compute_dtype(self.manifest.precision))
-        return wrapped
+    def _compile_here(self) -> dict[int, Runner]:
+        """Compile the engine's programs for this device: Inductor's code names the GPU it was
+        compiled for (cuda:0 of a build, where a daemon runs engine workers on more GPUs)."""
+        log.warning("engine %s was compiled for cuda:%s; compiling it for %s now (minutes; "
+                    "one daemon per GPU, each seeing its GPU as cuda:0, starts at once)",
+                    self.path, self.manifest.device_index, self.device)
+        started = time.perf_counter()
+        import codetr_stream.plugin  # noqa: F401  (registers the ops the programs call)
+
+        files = {self.manifest.files[f"program_b{b}"] for b in self.manifest.batch_sizes}
+        loaded = {name: torch.export.load(str(self.path / name)) for name in files}
+        programs = {b: loaded[self.manifest.files[f"program_b{b}"]]
+                    for b in self.manifest.batch_sizes}
+        runners = _compile(programs, self.manifest, self.device, None)
+        self.start_seconds["compile"] = _since(started)
+        return runners
 
     def _run(self, images: Tensor, masks: Tensor) -> Outputs:
-        graph = self._graphs.get(images.shape[0])
-        if graph is not None:
-            return graph(images, masks)
-        with torch.inference_mode():
-            return self._runners[images.shape[0]](images, masks)
+        return self._graphs[images.shape[0]](images, masks)
+
+
+def _since(started: float) -> float:
+    return round(time.perf_counter() - started, 2)
 
 
 class _Graph:
@@ -198,64 +224,6 @@ def _on_device(module: nn.Module, device: torch.device) -> nn.Module:
             if isinstance(value, torch.Tensor) and value.device != device:
                 setattr(owner, name, value.to(device))
     return module
-
-
-def _load_program(path: Path) -> torch.export.ExportedProgram:
-    """torch.export.load, after registering the MSDA op the program calls."""
-    import codetr_stream.plugin  # noqa: F401  (registers torch.ops.codetr.ms_deform_attn)
-
-    return torch.export.load(str(path))
-
-
-def _aoti_problem() -> str | None:
-    """Why AOTInductor packages cannot be used with this torch, or None if they can."""
-    if torch.__version__.startswith(AOTI_BROKEN_TORCH):
-        return f"torch {torch.__version__}: aoti_load_package crashes the process (known)"
-    return None
-
-
-_PROBE = """
-import sys, tempfile, torch
-m = torch.nn.Linear(4, 4).to(sys.argv[1])
-ep = torch.export.export(m, (torch.randn(2, 4, device=sys.argv[1]),))
-path = torch._inductor.aoti_compile_and_package(ep, package_path=tempfile.mktemp(suffix=".pt2"))
-torch._inductor.aoti_load_package(path)(torch.randn(2, 4, device=sys.argv[1]))
-"""
-
-
-def _aoti_runner(package: Path) -> Callable[[Tensor, Tensor], Outputs]:
-    model = torch._inductor.aoti_load_package(str(package))
-
-    def run(images: Tensor, masks: Tensor) -> Outputs:
-        boxes, scores, labels = model(images, masks)
-        return boxes, scores, labels
-
-    return run
-
-
-def _probe_aoti(device: torch.device) -> str | None:
-    """Load a one-layer AOTI package in a child process: a crash there must not end the build."""
-    result = subprocess.run([sys.executable, "-c", _PROBE, device.type], capture_output=True,
-                            text=True, timeout=600)
-    if result.returncode != 0:
-        tail = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        return f"AOTInductor probe exited {result.returncode}: {tail}"
-    return None
-
-
-def _build_aoti(engine: InductorEngine, out_dir: Path, manifest: Manifest,
-                device: torch.device) -> None:
-    """Package each batch size as an AOTInductor .pt2, or record why not (manifest notes)."""
-    problem = _aoti_problem() or _probe_aoti(device)
-    if problem is not None:
-        manifest.notes.append(f"AOTInductor skipped: {problem}")
-        log.warning("AOTInductor skipped: %s", problem)
-        return
-    for b in manifest.batch_sizes:
-        program = export_model(engine.modules[b], manifest.input_hw, b, device)
-        path = out_dir / f"aoti_b{b}.pt2"
-        torch._inductor.aoti_compile_and_package(program, package_path=str(path))
-        manifest.files[f"aoti_b{b}"] = path.name
 
 
 def load(path: Path, manifest: Manifest, device: torch.device) -> InductorEngine:

@@ -55,13 +55,14 @@ class Manifest:
     files: dict[str, str] = field(default_factory=dict)
     device_name: str = "cpu"
     compute_capability: str | None = None
+    device_index: int | None = None  # the CUDA device compiled for (Inductor's code names it)
     versions: dict[str, str] = field(default_factory=dict)
     built_at: str = ""
     build_seconds: float = 0.0
     measured: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-    # Inductor: graph passes (engines/passes.py) and torch.compile options, re-applied at every
-    # load so that the graph, and with it the saved compile cache's key, is the build's.
+    # Inductor: the graph passes (engines/passes.py) and Inductor options the engine was compiled
+    # with (its rebuild command repeats them).
     passes: list[str] = field(default_factory=list)
     inductor_options: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION

@@ -36,8 +36,11 @@ key of its saved compile cache) is the same at both; nothing they make is saved 
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import itertools
 import logging
+import sys
 from collections.abc import Callable, Iterable
 
 import codetr_stream.plugin.window_attention  # noqa: F401  (registers codetr::window_attention)
@@ -176,6 +179,17 @@ def _drop_dead(gm: fx.GraphModule, const: set[fx.Node]) -> None:
     gm.recompile()
 
 
+def _call_own(graph: fx.Graph, fn: Callable[..., Tensor], args: tuple[object, ...]) -> fx.Node:
+    """A call of one of our Python functions (traced through when the graph compiles), marked as
+    `torch.fx.wrap` marks its calls and with a hash of the function's module source: the cache
+    of AOTAutograd, which an engine's saved compiled graph is, takes such a call, keyed by the
+    hash; it refuses functions it does not know."""
+    node = graph.call_function(fn, args)
+    source = inspect.getsource(sys.modules[fn.__module__])
+    node.meta.update(is_wrapped=True, user_cache_hash=hashlib.sha256(source.encode()).hexdigest())
+    return node
+
+
 def _addmm_activation(x: Tensor, weight: Tensor, bias: Tensor, dtype: torch.dtype | None,
                       gelu: bool) -> Tensor:
     """act(x @ weight.T + bias) as one GEMM with a fused bias+activation epilogue (cuBLASLt on
@@ -216,8 +230,8 @@ def _fuse_linear_activation(gm: fx.GraphModule, dtype: torch.dtype | None,
             continue
         x, weight, bias = linear.args[:3]
         with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(fused, (x, weight, bias, dtype))
-        new.meta = dict(node.meta)
+            new = _call_own(gm.graph, fused, (x, weight, bias, dtype))
+        new.meta.update(node.meta)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         gm.graph.erase_node(linear)
@@ -402,8 +416,8 @@ def fuse_msda_sampling(gm: fx.GraphModule, dtype: torch.dtype | None) -> int:
             continue
         ref, offsets = found
         with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(ms_deform_attn_from_offsets,
-                                         (value, shape_node, starts, ref, offsets, logits))
+            new = _call_own(gm.graph, ms_deform_attn_from_offsets,
+                            (value, shape_node, starts, ref, offsets, logits))
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         _erase_unused(gm, [loc, weights])
