@@ -84,8 +84,8 @@ def test_an_engine_without_compiled_graphs_is_refused_with_the_rebuild_command(
                         config_name="tiny", config=tiny_config.to_dict(), class_names=[],
                         random_weights=True, seed=0, versions=env["versions"])
     manifest.save(tmp_path)
-    with pytest.raises(ManifestError, match="no compiled graphs .*rebuild it: codetr-stream "
-                                            "compile"):
+    with pytest.raises(ManifestError, match=r"no compiled graphs .*rebuild it: "
+                                            r"codetr-stream compile"):
         load_engine(tmp_path, "cpu")
 
 
@@ -133,3 +133,23 @@ def test_fp16_engine_tracks_fp32_eager_and_restarts_from_its_compiled_graphs(dat
     # The random tiny model's FP16 noise is its own (0.035 seen on an H200): the engine must be
     # no worse than PyTorch's own FP16 run of the same weights, not meet a fixed number.
     assert drift <= 2 * eager_drift + 5e-3, (drift, eager_drift)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs (the x2 machine)")
+def test_engine_compiled_on_one_gpu_runs_on_another(data_dir: Path, tmp_path: Path,
+                                                    tiny_config) -> None:
+    """Inductor's code names the GPU it was compiled for: a daemon worker on cuda:1 loading an
+    engine built on cuda:0 compiles it for cuda:1 (and its outputs are cuda:0's)."""
+    model, config = _tiny(data_dir, tiny_config)
+    engine, _ = build_engine(model.to("cuda:0"), tmp_path, backend="inductor", precision="fp16",
+                             input_hw=HW, batch_sizes=[2], config_name="tiny", config=config,
+                             device="cuda:0")
+    images, masks = _inputs(2, "cuda:0")
+    want = engine.infer(images, masks)
+    other = load_engine(tmp_path, "cuda:1")
+    assert "compile" in other.start_seconds
+    got = other.infer(images.to("cuda:1"), masks.to("cuda:1"))
+    for g, w in zip(got, want, strict=True):
+        assert g.device == torch.device("cuda", 1)
+        torch.testing.assert_close(g.cpu(), w.cpu(), atol=1e-3, rtol=0)

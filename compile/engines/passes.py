@@ -1,7 +1,7 @@
-"""Graph passes on an exported program's module, run when an Inductor engine is prepared.
+"""Graph passes on an exported program's module, run when an Inductor engine is built.
 
-They run at build and at every load, before `torch.compile`, so the graph Inductor sees (and the
-key of its saved compile cache) is the same at both; nothing they make is saved in the engine.
+They run before the graph is compiled; what they make (merged weights, folded masks) is saved
+with the engine's weights, and the exported program stays the model as it was.
 
 - "fold-masks": attention inputs that depend on the weights and the input size only (the Swin
   relative-position bias `table[index]` of every `codetr::window_attention` call, and any
