@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -196,6 +197,21 @@ def test_files_missing_from_an_engine_are_named_with_the_rebuild_command(
         f"{tmp_path}: weights.pt listed in manifest.json but missing (copied in part?); rebuild "
         f"the engine: codetr-stream compile --config {tmp_path / 'config.json'} --random-weights "
         f"--seed 0 --precision fp32 --size 1152x768 --batch 1,8 --backend eager --out {tmp_path}")
+
+
+def test_a_file_cut_short_is_named_with_its_sizes(eager_dir: Path, tmp_path: Path) -> None:
+    """An engine copied in part (an interrupted scp): the build recorded every file's size."""
+    shutil.copytree(eager_dir, tmp_path / "engine")
+    weights = tmp_path / "engine" / "weights.pt"
+    built = weights.stat().st_size
+    assert json.loads((tmp_path / "engine" / "manifest.json").read_text())["file_bytes"][
+        "weights.pt"] == built
+    with weights.open("r+b") as f:
+        f.truncate(built // 2)
+    with pytest.raises(ManifestError, match=(
+            rf"weights.pt \({built // 2} bytes, built {built}\): not the size the build wrote "
+            r"\(copied in part\?\); copy the engine again, or rebuild it: codetr-stream compile")):
+        load_engine(tmp_path / "engine", "cpu")
 
 
 def test_numerics_match_detections_not_positions() -> None:

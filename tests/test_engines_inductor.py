@@ -74,6 +74,13 @@ def test_fp32_inductor_engine_equals_eager(data_dir: Path, tmp_path: Path, tiny_
     assert {"weights", "compiled graphs"} <= loaded.start_seconds.keys()
     for got, expected in zip(loaded.infer(images, masks), built, strict=True):
         assert torch.equal(got, expected)
+    # The same size, other bytes (a disk fault): the file is named, with the rebuild command.
+    graph = tmp_path / manifest.files["inductor_b1"]
+    data = bytearray(graph.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    graph.write_bytes(bytes(data))
+    with pytest.raises(ManifestError, match=rf"{graph}: unreadable \(.*\); rebuild the engine: "):
+        load_engine(tmp_path, "cpu")
 
 
 def test_an_engine_without_compiled_graphs_is_refused_with_the_rebuild_command(

@@ -57,6 +57,14 @@ def check_engine_dir(path: str | Path, device: str | torch.device | None = None)
         raise ManifestError(f"{path}: {', '.join(missing)} listed in manifest.json but missing "
                             f"(copied in part?); rebuild the engine: "
                             f"{manifest.rebuild_command(path, str(dev))}")
+    sizes = {name: (path / name).stat().st_size for name in manifest.file_bytes
+             if (path / name).is_file()}
+    changed = sorted(f"{name} ({sizes[name]} bytes, built {size})"
+                     for name, size in manifest.file_bytes.items() if sizes.get(name, size) != size)
+    if changed:
+        raise ManifestError(f"{path}: {', '.join(changed)}: not the size the build wrote (copied "
+                            f"in part?); copy the engine again, or rebuild it: "
+                            f"{manifest.rebuild_command(path, str(dev))}")
     return manifest
 
 
@@ -109,5 +117,7 @@ def build_engine(model: nn.Module, out_dir: str | Path, *, backend: str, precisi
     if engine is None:
         engine = module.load(out, manifest, dev)
     manifest.build_seconds = round(time.perf_counter() - started, 2)
+    manifest.file_bytes = {name: (out / name).stat().st_size
+                           for name in sorted(set(manifest.files.values()))}
     manifest.save(out)
     return engine, manifest

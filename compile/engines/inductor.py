@@ -141,15 +141,27 @@ class InductorEngine(Engine):
         if self.device.index != built_on:
             return self._compile_here()
         started = time.perf_counter()
-        weights = {name: artifact.load_weights(self.path / name, self.device)
+        weights = {name: self._read(name, artifact.load_weights, self.device)
                    for name in {files[f"weights_b{b}"] for b in self.manifest.batch_sizes}}
         self.start_seconds["weights"] = _since(started)
         started = time.perf_counter()
-        runners = {b: partial(artifact.load(self.path / files[f"inductor_b{b}"]),
+        runners = {b: partial(self._read(files[f"inductor_b{b}"], artifact.load),
                               *weights[files[f"weights_b{b}"]])
                    for b in self.manifest.batch_sizes}
         self.start_seconds["compiled graphs"] = _since(started)
         return runners
+
+    def _read(self, name: str, reader: Callable[..., Any], *args: Any) -> Any:
+        """`reader(path, *args)` of the engine's file `name`; a file it cannot read (changed
+        since the build, or from another torch build) is a one-line error with the fix."""
+        try:
+            return reader(self.path / name, *args)
+        except Exception as exc:  # torch raises many types for a bad file
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            raise ManifestError(
+                f"{self.path / name}: unreadable ({type(exc).__name__}: {first[:200]}); rebuild "
+                f"the engine: {self.manifest.rebuild_command(self.path, str(self.device))}"
+            ) from exc
 
     def _compile_here(self) -> dict[int, Runner]:
         """Compile the engine's programs for this device: Inductor's code names the GPU it was

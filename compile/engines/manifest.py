@@ -8,6 +8,7 @@ the exact command that rebuilds it, instead of crashing or silently recompiling 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shlex
 from dataclasses import asdict, dataclass, field, fields
@@ -53,6 +54,7 @@ class Manifest:
     inputs: list[TensorSpec] = field(default_factory=list)
     outputs: list[TensorSpec] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)
+    file_bytes: dict[str, int] = field(default_factory=dict)  # each file's size at the build
     device_name: str = "cpu"
     compute_capability: str | None = None
     device_index: int | None = None  # the CUDA device compiled for (Inductor's code names it)
@@ -68,8 +70,11 @@ class Manifest:
     format_version: int = FORMAT_VERSION
 
     def save(self, engine_dir: Path) -> Path:
+        """Write manifest.json (atomically: a reader sees the old one or the new one)."""
         path = Path(engine_dir) / MANIFEST_NAME
-        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        os.replace(partial, path)
         return path
 
     @classmethod
