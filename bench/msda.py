@@ -3,9 +3,11 @@
     python bench/msda.py [--out DIR] [--results bench/RESULTS.md] [--model-share] [--no-sweep]
 
 Variants, side by side in one run (plugin/kernel.py's `msda_fwd_kernel` at its launch shapes,
-then the baselines): `lanes2` (2 lanes a query row: the op's shape for big calls), `lanes1`,
-`lanes4` (the op's shape for small calls), `half` (lanes2 with the 4 corners combined in packed
-float16, FP32 across points; float16 values only), `v3` (the previous kernel, 4 lanes a row),
+then the baselines): `lanes2` (2 lanes a query row), `lanes1`, `lanes4` (the op's shape),
+`half` (lanes2 with the 4 corners combined in packed float16, FP32 across points; float16
+values only), `headmajor` (lanes4 reading the value stored (B, heads, tokens, dim), so a point's
+horizontal corners are neighbours in memory; timed on values already stored so, as the layer's
+value projection could write them), `v3` (the previous kernel, 4 lanes a row),
 `per_output` (the classic im2col design: one lane per output element) and `grid_sample` (the
 reference of plugin/reference.py). Shapes: 5 levels 192x288 .. 12x18 (73,656 tokens), 8 heads, 4
 points, head dim 32; encoder queries = all tokens, decoder queries = 900; batch 1 and 8; FP16,
@@ -49,7 +51,8 @@ DEVICE = "cuda"
 SECTION_BEGIN, SECTION_END = "<!-- msda:begin -->", "<!-- msda:end -->"
 L2_BYTES = 50e6  # H100 / H200 L2: rotate through input sets several times larger
 LANES = {"lanes2": LaunchConfig(64, 2, 4), "lanes1": LaunchConfig(128, 1, 4),
-         "lanes4": LaunchConfig(64, 4, 8), "half": LaunchConfig(64, 2, 4, half_bilinear=True)}
+         "lanes4": LaunchConfig(64, 4, 8), "half": LaunchConfig(64, 2, 4, half_bilinear=True),
+         "headmajor": LaunchConfig(64, 4, 8, head_major=True)}
 KERNELS = [*LANES, "v3", "per_output"]  # timed through CUDA graphs
 SWEEP = [LaunchConfig(32, 2, 2), LaunchConfig(64, 2, 4), LaunchConfig(128, 2, 4),
          LaunchConfig(128, 2, 8), LaunchConfig(64, 1, 2), LaunchConfig(128, 1, 4),
@@ -111,6 +114,14 @@ def run(name: str, args):
     if name == "grid_sample":
         return ms_deform_attn_reference(*args)
     return ms_deform_attn_baseline(*args, design=name)
+
+
+def stored_for(name: str, cases: list) -> list:
+    """The cases as variant `name` reads them: `headmajor` gets each value stored head-major,
+    as the layer's value projection could write it (so the copy is not timed)."""
+    if name != "headmajor":
+        return cases
+    return [(v.transpose(1, 2).contiguous().transpose(1, 2), *rest) for v, *rest in cases]
 
 
 def applicable(name: str, args) -> bool:
@@ -183,8 +194,10 @@ def locality(model_cases, names: list[str]) -> dict[str, dict[str, float]]:
     results = {}
     for where in ("one_pixel", "uniform"):
         cases = [make_case("encoder", 1, "fp16", seed, locality=where) for seed in range(4)]
-        results[where] = {n: time_graph_us(lambda a, n=n: run(n, a), cases) for n in names}
-    results["model"] = {n: time_graph_us(lambda a, n=n: run(n, a), model_cases) for n in names}
+        results[where] = {n: time_graph_us(lambda a, n=n: run(n, a), stored_for(n, cases))
+                          for n in names}
+    results["model"] = {n: time_graph_us(lambda a, n=n: run(n, a), stored_for(n, model_cases))
+                        for n in names}
     return results
 
 
@@ -224,7 +237,20 @@ def replace_section(path: Path, text: str) -> None:
 CASES = [(kind, batch, dtypes) for kind in ("encoder", "decoder") for batch in (1, 8)
          for dtypes in ("fp16", "fp32")]
 CASES += [("encoder", 1, "fp16+fp32"), ("decoder", 1, "fp16+fp32")]
-LOCALITY_KERNELS = ["v3", "lanes1", "lanes2", "half"]
+def _cases(text: str) -> list[tuple[str, int, str]]:
+    """"encoder:8:fp16+fp32,decoder:1:fp16" -> [("encoder", 8, "fp16+fp32"), ...]."""
+    cases = []
+    for item in text.split(","):
+        kind, batch, dtypes = item.split(":")
+        if kind not in ("encoder", "decoder") or dtypes not in DTYPES or not batch.isdigit():
+            raise argparse.ArgumentTypeError(
+                f"{item!r}: want KIND:BATCH:DTYPES, KIND encoder|decoder, DTYPES one of "
+                f"{', '.join(DTYPES)}")
+        cases.append((kind, int(batch), dtypes))
+    return cases
+
+
+LOCALITY_KERNELS = ["v3", "lanes1", "lanes2", "half", "lanes4", "headmajor"]
 
 
 def measure(kind: str, batch: int, dtypes: str, bw: float, studies: bool) -> dict:
@@ -235,7 +261,8 @@ def measure(kind: str, batch: int, dtypes: str, bw: float, studies: bool) -> dic
     nbytes = floor_bytes(case)
     sets = min(8, max(2, math.ceil(4 * L2_BYTES / nbytes)))
     cases = [case] + [make_case(kind, batch, dtypes, seed) for seed in range(1, sets)]
-    times = {name: time_graph_us(lambda a, n=name: run(n, a), cases) for name in passed}
+    times = {name: time_graph_us(lambda a, n=name: run(n, a), stored_for(name, cases))
+             for name in passed}
     # grid_sample reads the level shapes on the host: no graph, eager calls.
     times["grid_sample"] = time_us(lambda: ms_deform_attn_reference(*case))
     times["op_eager"] = time_us(lambda: ms_deform_attn_triton(*case))
@@ -287,6 +314,8 @@ def main() -> int:
     parser.add_argument("--results", type=Path, help="RESULTS.md whose MSDA section to replace")
     parser.add_argument("--model-share", action="store_true")
     parser.add_argument("--no-sweep", action="store_true", help="skip sweep and locality study")
+    parser.add_argument("--cases", type=_cases, default=CASES, metavar="KIND:BATCH:DTYPES,...",
+                        help="call shapes to run, e.g. encoder:8:fp16+fp32 (default: all)")
     args = parser.parse_args()
     if args.results and not torch.cuda.is_available():
         # Merge a section written on the GPU machine: bench/msda.py --results R --out DIR
@@ -295,7 +324,7 @@ def main() -> int:
     device = torch.cuda.get_device_name()
     bw = bandwidth(device)
     record = {"device": device, "torch": torch.__version__, "cases": []}
-    for kind, batch, dtypes in CASES:
+    for kind, batch, dtypes in args.cases:
         entry = measure(kind, batch, dtypes, bw, studies=not args.no_sweep)
         record["cases"].append(entry)
         print(json.dumps(entry), flush=True)
@@ -317,8 +346,9 @@ def main() -> int:
         f"Device: {device} (floor bandwidth {bw / 1e12:.2f} TB/s), torch {torch.__version__}, "
         f"date {datetime.date.today()}, command `{command}`.\n"
         f"Microseconds per call and ratio to the memory floor. Kernels (`lanes2` `lanes1` `lanes4`"
-        f" `half`: plugin/kernel.py at 2, 1, 4 lanes a query row, `half` with packed-float16 "
-        f"corners; `v3` the previous kernel, `per_output` the classic design; `op`: the launch "
+        f" `half` `headmajor`: plugin/kernel.py at 2, 1, 4 lanes a query row, `half` with "
+        f"packed-float16 corners, `headmajor` lanes4 on a head-major value; `v3` the previous "
+        f"kernel, `per_output` the classic design; `op`: the launch "
         f"shape the op picks for the call): GPU time, median over replays of a CUDA graph cycling "
         f"through input sets 4x the L2 size. `grid_sample` (the reference; it reads level shapes "
         f"on the host, so no graph) and `op eager`: median of `triton.testing.do_bench` over "

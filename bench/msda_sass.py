@@ -77,7 +77,7 @@ def offsets_variant(value: str, inputs: str, ref_dims: int, config: LaunchConfig
                  **SCALARS, "offsets_row_stride": "i32", "logits_row_stride": "i32",
                  "out_ptr": f"*{value}"}
     constexprs = config.constexprs(DIM, ITEMSIZE[value])
-    del constexprs["HALF_BILINEAR"]
+    del constexprs["HALF_BILINEAR"], constexprs["HEAD_MAJOR"]
     return Variant(msda_offsets_fwd_kernel, signature, {"REF_DIMS": ref_dims, **constexprs},
                    config.block_q, config.num_warps)
 
@@ -87,6 +87,7 @@ VARIANTS = {
     "v3 fp16": op_variant("fp16", "fp16", None),
     "v3 fp32": op_variant("fp32", "fp32", None),
     "lanes4 fp16": op_variant("fp16", "fp16", LaunchConfig(32, 4, 4)),
+    "lanes4 head-major fp16": op_variant("fp16", "fp16", LaunchConfig(32, 4, 4, head_major=True)),
     "lanes2 fp16": op_variant("fp16", "fp16", LaunchConfig(64, 2, 4)),
     "lanes1 fp16": op_variant("fp16", "fp16", LaunchConfig(128, 1, 4)),
     "lanes2 half_bilinear fp16": op_variant("fp16", "fp16", LaunchConfig(64, 2, 4, True)),

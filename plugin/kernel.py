@@ -93,10 +93,13 @@ def _sample(acc, rows, lx, ly, a, w_l, h_l, start, row_stride, d_mask,
 
 @triton.jit
 def _program_tile(value_ptr, num_tokens, num_queries, num_heads, DIM: tl.constexpr,
-                  BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr):
+                  BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
+                  HEAD_MAJOR: tl.constexpr):
     """This program's (batch, head), its queries (clamped; q_mask says which are real), the
     [1, BLOCK_D // CHUNK, CHUNK] channel tile, and the pointers to its head's value rows (the
-    channel mask, None when DIM fills the tile, is the caller's: a jit function returns no None)."""
+    channel mask, None when DIM fills the tile, is the caller's: a jit function returns no None).
+    HEAD_MAJOR: value stored (B, H, tokens, DIM), a head's rows contiguous (else (B, tokens, H,
+    DIM))."""
     b = tl.program_id(1) // num_heads
     h = tl.program_id(1) % num_heads
     q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
@@ -104,8 +107,12 @@ def _program_tile(value_ptr, num_tokens, num_queries, num_heads, DIM: tl.constex
     q = tl.minimum(q, num_queries - 1)  # queries past the end redo the last one (store masked)
     d = (tl.arange(0, BLOCK_D // CHUNK)[None, :, None] * CHUNK
          + tl.arange(0, CHUNK)[None, None, :])
-    row_stride = num_heads * DIM
-    rows = value_ptr + b.to(tl.int64) * num_tokens * row_stride + h * DIM + d
+    if HEAD_MAJOR:
+        row_stride = DIM
+        rows = value_ptr + (b.to(tl.int64) * num_heads + h) * num_tokens * DIM + d
+    else:
+        row_stride = num_heads * DIM
+        rows = value_ptr + b.to(tl.int64) * num_tokens * row_stride + h * DIM + d
     return b, h, q, q_mask, d, row_stride, rows
 
 
@@ -127,6 +134,7 @@ def msda_fwd_kernel(
     BLOCK_D: tl.constexpr,
     CHUNK: tl.constexpr,
     HALF_BILINEAR: tl.constexpr,
+    HEAD_MAJOR: tl.constexpr,
 ):
     """Grid (cdiv(Q, BLOCK_Q), B * H): one program = BLOCK_Q queries of one (batch, head).
 
@@ -135,9 +143,11 @@ def msda_fwd_kernel(
     lane's registers; so a query's row is spread over CHUNK * itemsize / 16 lanes.
     HALF_BILINEAR: the 4 corners of a point are combined in the value dtype (packed float16
     math), then added to the float32 accumulator (benchmark variant; less exact).
+    HEAD_MAJOR: value stored head-major (benchmark variant: a point's horizontal corners are
+    neighbours in memory).
     """
     b, h, q, q_mask, d, row_stride, rows = _program_tile(
-        value_ptr, num_tokens, num_queries, num_heads, DIM, BLOCK_Q, BLOCK_D, CHUNK)
+        value_ptr, num_tokens, num_queries, num_heads, DIM, BLOCK_Q, BLOCK_D, CHUNK, HEAD_MAJOR)
     d_mask = None if DIM == BLOCK_D else d < DIM
     # (b, q, h) row of the locations / weights / output, in int64 (B*Q*H*L*P*2 can pass 2^31).
     bqh = (b.to(tl.int64) * num_queries + q) * num_heads + h
@@ -190,7 +200,7 @@ def msda_offsets_fwd_kernel(
     of the level (points) or ref_xy + offset / P * ref_wh / 2 (boxes), in float32.
     """
     b, h, q, q_mask, d, row_stride, rows = _program_tile(
-        value_ptr, num_tokens, num_queries, num_heads, DIM, BLOCK_Q, BLOCK_D, CHUNK)
+        value_ptr, num_tokens, num_queries, num_heads, DIM, BLOCK_Q, BLOCK_D, CHUNK, False)
     d_mask = None if DIM == BLOCK_D else d < DIM
     bq = b.to(tl.int64) * num_queries + q
     logit_row = logits_ptr + bq * logits_row_stride + h * (LEVELS * POINTS)
@@ -245,13 +255,15 @@ class LaunchConfig:
     lanes_per_row: int
     num_warps: int
     half_bilinear: bool = False
+    head_major: bool = False  # value stored (B, H, tokens, DIM); a (B, tokens, H, DIM) view of it
 
     def constexprs(self, dim: int, itemsize: int) -> dict[str, int | bool]:
-        """BLOCK_Q, BLOCK_D, CHUNK, HALF_BILINEAR for a head dim and value element size."""
+        """BLOCK_Q, BLOCK_D, CHUNK, HALF_BILINEAR, HEAD_MAJOR for a head dim and value element
+        size."""
         block_d = triton.next_power_of_2(dim)
         chunk = min(block_d, max(1, 16 * self.lanes_per_row // itemsize))
         return {"BLOCK_Q": self.block_q, "BLOCK_D": block_d, "CHUNK": chunk,
-                "HALF_BILINEAR": self.half_bilinear}
+                "HALF_BILINEAR": self.half_bilinear, "HEAD_MAJOR": self.head_major}
 
 
 def launch_config() -> LaunchConfig:
@@ -280,8 +292,10 @@ def ms_deform_attn_triton(
     """
     batch, tokens, heads, dim = value.shape
     _, queries, _, levels, points, _ = sampling_locations.shape
-    value = value.contiguous()
     config = config or launch_config()
+    # The layout the kernel reads (a copy unless the value is stored so already).
+    value = (value.transpose(1, 2).contiguous().transpose(1, 2) if config.head_major
+             else value.contiguous())
     if config.half_bilinear and value.dtype != torch.float16:
         raise ValueError(f"half_bilinear needs float16 values, got {value.dtype}")
     out = value.new_empty(batch, queries, heads * dim)
@@ -322,6 +336,6 @@ def ms_deform_attn_offsets_triton(
         logits.stride(1), out, DIM=dim, LEVELS=levels, POINTS=points, REF_DIMS=ref_dims,
         num_warps=config.num_warps,
         **{k: v for k, v in config.constexprs(dim, value.element_size()).items()
-           if k != "HALF_BILINEAR"},
+           if k not in ("HALF_BILINEAR", "HEAD_MAJOR")},
     )
     return out

@@ -48,6 +48,7 @@ VARIANTS = {
     "lanes1": ((128, 1, 4), SUBSET),
     "lanes4": ((32, 4, 4), SUBSET),
     "half_bilinear": ((64, 2, 4, True), [c for c in SUBSET if c[-1] == F16]),
+    "head_major": ((64, 4, 8, False, True), SUBSET),
     "v3": ("v3", SUBSET),
     "per_output": ("per_output", SUBSET),
 }

@@ -32,6 +32,7 @@ VARIANTS = {
     "lanes2": (64, 2, 4),
     "lanes4": (64, 4, 8),  # the op's default
     "half_bilinear": (64, 2, 4, True),  # float16 values only
+    "head_major": (64, 4, 8, False, True),  # the value read from a head-major copy
     "v3": "v3",
     "per_output": "per_output",
 }
