@@ -59,15 +59,18 @@ class Variant:
     num_warps: int
 
 
-def op_variant(value: str, locs: str, config: LaunchConfig | None) -> Variant:
-    """`msda_fwd_kernel` at `config`, or v3 (its baseline, same arguments) where config is None."""
+def op_variant(value: str, locs: str, config: LaunchConfig | None,
+               head_major: bool = False) -> Variant:
+    """`msda_fwd_kernel` at `config` (reading a head-major value if asked), or v3 (its
+    baseline, same arguments) where config is None."""
     signature = {"value_ptr": f"*{value}", "shapes_ptr": "*i64", "starts_ptr": "*i64",
                  "loc_ptr": f"*{locs}", "attw_ptr": f"*{locs}", **SCALARS,
                  "out_ptr": f"*{value}"}
     if config is None:  # 32 queries x 32 channels, 4 warps (msda_baselines defaults)
         return Variant(msda_fwd_kernel_v3, signature, {"BLOCK_Q": 32, "BLOCK_D": 32}, 32, 4)
-    return Variant(msda_fwd_kernel, signature, config.constexprs(DIM, ITEMSIZE[value]),
-                   config.block_q, config.num_warps)
+    return Variant(msda_fwd_kernel, signature,
+                   config.constexprs(DIM, ITEMSIZE[value], head_major), config.block_q,
+                   config.num_warps)
 
 
 def offsets_variant(value: str, inputs: str, ref_dims: int, config: LaunchConfig) -> Variant:
@@ -87,7 +90,7 @@ VARIANTS = {
     "v3 fp16": op_variant("fp16", "fp16", None),
     "v3 fp32": op_variant("fp32", "fp32", None),
     "lanes4 fp16": op_variant("fp16", "fp16", LaunchConfig(32, 4, 4)),
-    "lanes4 head-major fp16": op_variant("fp16", "fp16", LaunchConfig(32, 4, 4, head_major=True)),
+    "lanes4 head-major fp16": op_variant("fp16", "fp16", LaunchConfig(32, 4, 4), head_major=True),
     "lanes2 fp16": op_variant("fp16", "fp16", LaunchConfig(64, 2, 4)),
     "lanes1 fp16": op_variant("fp16", "fp16", LaunchConfig(128, 1, 4)),
     "lanes2 half_bilinear fp16": op_variant("fp16", "fp16", LaunchConfig(64, 2, 4, True)),

@@ -116,8 +116,10 @@ def test_rebuilding_into_an_engine_directory_replaces_its_programs(tiny_config,
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("passes", [[], list(DEFAULT_PASSES), [*DEFAULT_PASSES, "msda-offsets"]],
-                         ids=["baseline", "passes", "passes+msda-offsets"])
+@pytest.mark.parametrize("passes", [[], list(DEFAULT_PASSES), [*DEFAULT_PASSES, "msda-offsets"],
+                                    [*DEFAULT_PASSES, "msda-head-major"]],
+                         ids=["baseline", "passes", "passes+msda-offsets",
+                              "passes+msda-head-major"])
 def test_fp16_engine_tracks_fp32_eager_and_restarts_from_its_compiled_graphs(data_dir: Path,
                                                                    tmp_path: Path, tiny_config,
                                                                    passes: list[str]) -> None:

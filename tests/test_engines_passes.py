@@ -77,6 +77,20 @@ def test_passes_keep_fp32_outputs_identical_at_every_batch(
             _assert_same(after(*_inputs(batch)), before(*_inputs(batch)))
 
 
+def test_msda_head_major_gives_every_msda_call_a_head_major_value_and_the_same_outputs(
+        program: torch.export.ExportedProgram) -> None:
+    before = program.module()
+    after = copy.deepcopy(before)
+    assert apply_passes(after, ["msda-head-major"], None) == {"msda-head-major": 4}
+    calls = [n for n in after.graph.nodes if n.target is torch.ops.codetr.ms_deform_attn.default]
+    for call in calls:
+        value = call.args[0]
+        assert value.target is torch.ops.aten.transpose.int
+        assert value.args[0].target is torch.ops.aten.clone.default
+    with torch.no_grad():
+        _assert_same(after(*_inputs(2)), before(*_inputs(2)))
+
+
 @pytest.mark.slow
 def test_passes_under_autocast_store_and_compute_the_low_precision_values(
         program: torch.export.ExportedProgram) -> None:

@@ -32,6 +32,12 @@ with the engine's weights, and the exported program stays the model as it was.
   logits)`: on CUDA one kernel makes each location and weight as it samples, so the FP32
   locations and weights (at batch 8, 1.1 GB a layer) are never written and read back. The same
   float32 arithmetic (the softmax's rounding aside); the CPU path runs the layer's own ops.
+- "msda-head-major": every MSDA call reads its value from a head-major copy (B, heads, tokens,
+  dim), where a sampling point's horizontal corners are neighbours in memory: the kernel alone
+  is 6-8% faster at Co-DINO's calls on an H200 (bench/RESULTS.md, "MSDA kernel"). The copy is
+  a clone of the value projection's masked output, which Inductor can fuse into the kernel that
+  writes it; whether it does, and what the engine gains, is what the engine benchmark must show
+  (`CANDIDATES=msda-head-major bash bench/device_engine.sh passes`). Values unchanged.
 """
 
 from __future__ import annotations
@@ -427,6 +433,24 @@ def fuse_msda_sampling(gm: fx.GraphModule, dtype: torch.dtype | None) -> int:
     return fused
 
 
+def store_msda_values_head_major(gm: fx.GraphModule, dtype: torch.dtype | None) -> int:
+    """Give every MSDA call its value (B, tokens, heads, dim) as a view of a head-major copy
+    (`plugin/kernel.py` `stored_head_major`); returns how many calls."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.target is not MSDA:
+            continue
+        with gm.graph.inserting_before(node):
+            heads_first = gm.graph.call_function(aten.transpose.int, (node.args[0], 1, 2))
+            stored = gm.graph.call_function(aten.clone.default, (heads_first,),
+                                            {"memory_format": torch.contiguous_format})
+            node.update_arg(0, gm.graph.call_function(aten.transpose.int, (stored, 1, 2)))
+        count += 1
+    gm.graph.lint()
+    gm.recompile()
+    return count
+
+
 PASSES: dict[str, Callable[[fx.GraphModule, torch.dtype | None], int]] = {
     "fold-masks": fold_attention_masks,
     "linear-relu": fuse_linear_relu,
@@ -434,6 +458,7 @@ PASSES: dict[str, Callable[[fx.GraphModule, torch.dtype | None], int]] = {
     "round-norms": round_norm_outputs,
     "merge-linears": merge_shared_input_linears,
     "msda-offsets": fuse_msda_sampling,
+    "msda-head-major": store_msda_values_head_major,
 }
 
 
