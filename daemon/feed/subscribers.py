@@ -121,6 +121,9 @@ class _Warnings:
             self.counts[reason] = 0
 
 
+_MONITOR_NUMBERS = itertools.count()  # inproc monitor endpoints, unique per process
+
+
 class SubscriberGuard:
     """Bounds the peers, their bytes and the distinct subscriptions of one bound PUB/XPUB.
 
@@ -139,7 +142,10 @@ class SubscriberGuard:
         sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_TIMEOUT_MS)
         # Not get_monitor_socket(): its queue holds 2,000 events and libzmq drops the rest, so a
         # burst of connections would go unseen (and unrefused). This one has no limit.
-        address = f"inproc://subscriber-guard-{id(self):x}"
+        # A name never used before in this process: an id() is reused once its object is
+        # gone, possibly before libzmq has let go of the earlier monitor's inproc endpoint
+        # ("Address already in use", seen in a fresh-clone test run).
+        address = f"inproc://subscriber-guard-{next(_MONITOR_NUMBERS)}"
         sock.monitor(address, zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         self._monitor = sock.context.socket(zmq.PAIR)
         self._monitor.setsockopt(zmq.RCVHWM, 0)
