@@ -155,6 +155,11 @@ def test_malformed_manifests_are_named(tmp_path: Path) -> None:
     (tmp_path / "manifest.json").write_text(json.dumps(raw))
     with pytest.raises(ManifestError, match=r"unknown fields \['surprise'\]"):
         load_engine(tmp_path, "cpu")
+    del raw["surprise"]
+    raw["file_bytes"] = ["weights.pt", 12]
+    (tmp_path / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(ManifestError, match=r"file_bytes is not a mapping of file names to int"):
+        load_engine(tmp_path, "cpu")
 
 
 def test_manifest_errors_say_how_to_build_or_rebuild(tmp_path: Path) -> None:

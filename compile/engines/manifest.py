@@ -114,6 +114,12 @@ class Manifest:
             manifest = cls(**raw)
         except (KeyError, TypeError) as exc:
             raise ManifestError(f"{path}: malformed manifest ({exc}); {rebuild}") from exc
+        for name, kind in (("files", str), ("file_bytes", int)):
+            table = getattr(manifest, name)
+            if not isinstance(table, dict) or not all(
+                    isinstance(k, str) and isinstance(v, kind) for k, v in table.items()):
+                raise ManifestError(f"{path}: malformed manifest ({name} is not a mapping of "
+                                    f"file names to {kind.__name__}); {rebuild}")
         if manifest.backend not in BACKENDS or manifest.precision not in PRECISIONS:
             raise ManifestError(f"{path}: backend {manifest.backend!r} / precision "
                                 f"{manifest.precision!r} not one of {BACKENDS} / {PRECISIONS}; "
