@@ -25,16 +25,11 @@ from typing import Any
 
 import torch
 from codetr_stream.compile.engines import reductions
+from codetr_stream.compile.engines.passes import attribute
 from codetr_stream.compile.engines.precision import autocast, compute_dtype
 from torch import Tensor, fx
 
 aten = torch.ops.aten
-
-
-def _attr(module: torch.nn.Module, target: str) -> Any:
-    for part in target.split("."):
-        module = getattr(module, part)
-    return module
 
 
 def _cast(graph: fx.Graph, node: fx.Node, dtype: torch.dtype) -> fx.Node:
@@ -54,7 +49,7 @@ def flatten(module: fx.GraphModule, precision: str) -> tuple[fx.GraphModule, dic
     weights: dict[str, Tensor] = {}
     inputs: dict[str, fx.Node] = {}
     for node in [n for n in graph.nodes if n.op == "get_attr"]:
-        value = _attr(module, node.target)
+        value = attribute(module, node.target)
         if not isinstance(value, Tensor):
             continue  # a subgraph of a higher-order op stays an attribute
         if node.target not in inputs:
@@ -73,7 +68,7 @@ def flatten(module: fx.GraphModule, precision: str) -> tuple[fx.GraphModule, dic
                         for o in outputs)
     graph.output(tuple(outputs))
     graph.lint()
-    holders = {n.target: _attr(module, n.target) for n in graph.nodes if n.op == "get_attr"}
+    holders = {n.target: attribute(module, n.target) for n in graph.nodes if n.op == "get_attr"}
     return fx.GraphModule(holders, graph), weights
 
 

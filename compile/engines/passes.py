@@ -42,6 +42,7 @@ with the engine's weights, and the exported program stays the model as it was.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import itertools
@@ -109,7 +110,8 @@ def _cone(node: fx.Node) -> set[fx.Node]:
     return seen
 
 
-def _attr(module: torch.nn.Module, target: str) -> Tensor:
+def attribute(module: torch.nn.Module, target: str) -> Tensor:
+    """The tensor (or submodule) a `get_attr` node's dotted `target` names in `module`."""
     for name in target.split("."):
         module = getattr(module, name)
     return module  # type: ignore[return-value]
@@ -123,7 +125,7 @@ def _evaluate(gm: fx.GraphModule, node: fx.Node) -> Tensor:
         if n not in cone:
             continue
         if n.op == "get_attr":
-            values[n] = _attr(gm, n.target)
+            values[n] = attribute(gm, n.target)
         else:
             args, kwargs = fx.node.map_arg((n.args, n.kwargs), values.__getitem__)
             values[n] = n.target(*args, **kwargs)
@@ -191,9 +193,14 @@ def _call_own(graph: fx.Graph, fn: Callable[..., Tensor], args: tuple[object, ..
     of AOTAutograd, which an engine's saved compiled graph is, takes such a call, keyed by the
     hash; it refuses functions it does not know."""
     node = graph.call_function(fn, args)
-    source = inspect.getsource(sys.modules[fn.__module__])
-    node.meta.update(is_wrapped=True, user_cache_hash=hashlib.sha256(source.encode()).hexdigest())
+    node.meta.update(is_wrapped=True, user_cache_hash=_source_hash(fn.__module__))
     return node
+
+
+@functools.cache
+def _source_hash(module: str) -> str:
+    """sha256 of a module's source (read once, not at every call site a pass writes)."""
+    return hashlib.sha256(inspect.getsource(sys.modules[module]).encode()).hexdigest()
 
 
 def _addmm_activation(x: Tensor, weight: Tensor, bias: Tensor, dtype: torch.dtype | None,
@@ -247,7 +254,7 @@ def _fuse_linear_activation(gm: fx.GraphModule, dtype: torch.dtype | None,
         for bias in biases:
             if bias.op == "get_attr" and all(u.target is fused for u in bias.users):
                 owner, _, name = bias.target.rpartition(".")
-                module = _attr(gm, owner) if owner else gm
+                module = attribute(gm, owner) if owner else gm
                 param = getattr(module, name)
                 setattr(module, name, torch.nn.Parameter(param.detach().to(dtype),
                                                          requires_grad=False))
@@ -305,8 +312,8 @@ def merge_shared_input_linears(gm: fx.GraphModule, dtype: torch.dtype | None) ->
         for x, linears in groups.items():
             if len(linears) < 2:
                 continue
-            weights = [_attr(gm, linear.args[1].target) for linear in linears]
-            biases = [_attr(gm, linear.args[2].target) for linear in linears]
+            weights = [attribute(gm, linear.args[1].target) for linear in linears]
+            biases = [attribute(gm, linear.args[2].target) for linear in linears]
             name = f"_merged_linear_{merged}"
             gm.register_buffer(f"{name}_weight", torch.cat(weights).contiguous())
             gm.register_buffer(f"{name}_bias", torch.cat(biases).contiguous())
