@@ -37,7 +37,12 @@ from pathlib import Path
 
 import torch
 from codetr_stream.compile.model.deformable import level_shape_tensors
-from codetr_stream.plugin.kernel import LaunchConfig, launch_config, ms_deform_attn_triton
+from codetr_stream.plugin.kernel import (
+    LaunchConfig,
+    head_major_copy,
+    launch_config,
+    ms_deform_attn_triton,
+)
 from codetr_stream.plugin.reference import ms_deform_attn_reference
 from msda_baselines import ms_deform_attn_baseline
 
@@ -111,7 +116,7 @@ def run(name: str, args):
     if name in LANES:
         return ms_deform_attn_triton(*args, config=LANES[name])
     if name == "headmajor":  # lanes4 on a head-major value (no copy where stored_for made it)
-        return ms_deform_attn_triton(head_major(args[0]), *args[1:], config=LANES["lanes4"])
+        return ms_deform_attn_triton(head_major_copy(args[0]), *args[1:], config=LANES["lanes4"])
     if name == "grid_sample":
         return ms_deform_attn_reference(*args)
     return ms_deform_attn_baseline(*args, design=name)
@@ -122,12 +127,7 @@ def stored_for(name: str, cases: list) -> list:
     as the layer's value projection could write it (so the copy is not timed)."""
     if name != "headmajor":
         return cases
-    return [(head_major(v), *rest) for v, *rest in cases]
-
-
-def head_major(value: torch.Tensor) -> torch.Tensor:
-    """`value` (B, tokens, H, dim) as a view of a head-major copy."""
-    return value.transpose(1, 2).contiguous().transpose(1, 2)
+    return [(head_major_copy(v), *rest) for v, *rest in cases]
 
 
 def applicable(name: str, args) -> bool:
@@ -243,6 +243,9 @@ def replace_section(path: Path, text: str) -> None:
 CASES = [(kind, batch, dtypes) for kind in ("encoder", "decoder") for batch in (1, 8)
          for dtypes in ("fp16", "fp32")]
 CASES += [("encoder", 1, "fp16+fp32"), ("decoder", 1, "fp16+fp32")]
+LOCALITY_KERNELS = ["v3", "lanes1", "lanes2", "half", "lanes4", "headmajor"]
+
+
 def _cases(text: str) -> list[tuple[str, int, str]]:
     """"encoder:8:fp16+fp32,decoder:1:fp16" -> [("encoder", 8, "fp16+fp32"), ...]."""
     cases = []
@@ -254,9 +257,6 @@ def _cases(text: str) -> list[tuple[str, int, str]]:
                 f"{', '.join(DTYPES)}")
         cases.append((kind, int(batch), dtypes))
     return cases
-
-
-LOCALITY_KERNELS = ["v3", "lanes1", "lanes2", "half", "lanes4", "headmajor"]
 
 
 def measure(kind: str, batch: int, dtypes: str, bw: float, studies: bool) -> dict:

@@ -273,6 +273,11 @@ def stored_head_major(value: Tensor) -> bool:
     return not value.is_contiguous() and value.transpose(1, 2).is_contiguous()
 
 
+def head_major_copy(value: Tensor) -> Tensor:
+    """`value` (B, tokens, H, DIM) as a view of a head-major copy (`stored_head_major`)."""
+    return value.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 def launch_config() -> LaunchConfig:
     """The op's block shape, one for every call: 64 queries a program, 4 lanes a row, 8 warps,
     the fastest of the launch shapes swept on an H200 at both the encoder's and the decoder's

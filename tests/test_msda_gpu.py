@@ -72,7 +72,7 @@ def _run(variant, args):
 
         return ms_deform_attn_baseline(*args, design=option)
     if variant == "head_major":
-        args = (args[0].transpose(1, 2).contiguous().transpose(1, 2), *args[1:])
+        args = (op._kernel.head_major_copy(args[0]), *args[1:])
     return op._kernel.ms_deform_attn_triton(*args, config=op._kernel.LaunchConfig(*option))
 
 

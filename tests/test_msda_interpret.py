@@ -46,7 +46,7 @@ def _interpret_all(part: int) -> dict[str, float]:
     """Child process: every other case from `part` (0 or 1) through every variant -> max abs
     error per (case, variant)."""
     import torch
-    from codetr_stream.plugin.kernel import LaunchConfig, ms_deform_attn_triton
+    from codetr_stream.plugin.kernel import LaunchConfig, head_major_copy, ms_deform_attn_triton
     from msda_baselines import ms_deform_attn_baseline  # bench/msda_baselines.py
     from test_msda_reference import make_inputs, msda_float64
 
@@ -63,8 +63,8 @@ def _interpret_all(part: int) -> dict[str, float]:
             if isinstance(option, str):
                 got = ms_deform_attn_baseline(*args, design=option)
             elif variant == "head_major":
-                stored = args[0].transpose(1, 2).contiguous().transpose(1, 2)
-                got = ms_deform_attn_triton(stored, *args[1:], config=LaunchConfig(*option))
+                got = ms_deform_attn_triton(head_major_copy(args[0]), *args[1:],
+                                            config=LaunchConfig(*option))
             else:
                 got = ms_deform_attn_triton(*args, config=LaunchConfig(*option))
             assert got.dtype == args[0].dtype, got.dtype

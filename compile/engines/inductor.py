@@ -190,7 +190,8 @@ def _since(started: float) -> float:
 
 
 class _Graph:
-    """One batch size: warm-up (this compiles) and, on CUDA, a captured CUDA graph."""
+    """One batch size: warm-up (the first call times the launch configurations of kernels that
+    have several) and, on CUDA, a captured CUDA graph."""
 
     def __init__(self, fn: Callable[[Tensor, Tensor], Outputs], batch: int,
                  hw: tuple[int, int], device: torch.device) -> None:
