@@ -109,7 +109,7 @@ case "${1:-sizes}" in
     # shellcheck disable=SC2086  # GPU_TESTS: test files, split on spaces
     start_gpu_tests ${GPU_TESTS-tests/test_reductions.py tests/test_msda_offsets.py \
       tests/test_engines_inductor.py}
-    default=${DEFAULT_PASSES:-fold-masks+linear-relu+linear-gelu+merge-linears+round-norms}
+    default=${DEFAULT_PASSES:-fold-masks+linear-relu+linear-gelu+merge-linears+round-norms+msda-head-major}
     variants=$default
     for candidate in ${CANDIDATES//,/ }; do variants+=",$default+$candidate"; done
     baseline=()

@@ -36,7 +36,8 @@ def _size(text: str) -> tuple[int, int]:
 
 
 # The Inductor engine's graph passes unless --passes says otherwise (compile/engines/passes.py).
-DEFAULT_PASSES = ("fold-masks", "linear-relu", "linear-gelu", "merge-linears", "round-norms")
+DEFAULT_PASSES = ("fold-masks", "linear-relu", "linear-gelu", "merge-linears", "round-norms",
+                  "msda-head-major")
 
 
 def _passes(text: str) -> list[str]:

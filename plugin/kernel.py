@@ -188,6 +188,7 @@ def msda_offsets_fwd_kernel(
     BLOCK_Q: tl.constexpr,
     BLOCK_D: tl.constexpr,
     CHUNK: tl.constexpr,
+    HEAD_MAJOR: tl.constexpr,
 ):
     """`msda_fwd_kernel` with the sampling locations and attention weights made here, from
     what the layer's projections give, instead of read as FP32 tensors written by other kernels.
@@ -199,7 +200,7 @@ def msda_offsets_fwd_kernel(
     of the level (points) or ref_xy + offset / P * ref_wh / 2 (boxes), in float32.
     """
     b, h, q, q_mask, d, row_stride, rows = _program_tile(
-        value_ptr, num_tokens, num_queries, num_heads, DIM, BLOCK_Q, BLOCK_D, CHUNK, False)
+        value_ptr, num_tokens, num_queries, num_heads, DIM, BLOCK_Q, BLOCK_D, CHUNK, HEAD_MAJOR)
     d_mask = None if DIM == BLOCK_D else d < DIM
     bq = b.to(tl.int64) * num_queries + q
     logit_row = logits_ptr + bq * logits_row_stride + h * (LEVELS * POINTS)
@@ -335,7 +336,8 @@ def ms_deform_attn_offsets_triton(
     batch, tokens, heads, dim = value.shape
     _, queries, levels, ref_dims = reference.shape
     points = logits.shape[-1] // (heads * levels)
-    value = value.contiguous()
+    head_major = stored_head_major(value)
+    value = value if head_major else value.contiguous()
     config = config or launch_config()
     offsets, logits = (t if t.stride(-1) == 1 and t.stride(0) == t.shape[1] * t.stride(1)
                        else t.contiguous() for t in (offsets, logits))
@@ -346,7 +348,7 @@ def ms_deform_attn_offsets_triton(
         reference.contiguous(), offsets, logits, tokens, queries, heads, offsets.stride(1),
         logits.stride(1), out, DIM=dim, LEVELS=levels, POINTS=points, REF_DIMS=ref_dims,
         num_warps=config.num_warps,
-        **{k: v for k, v in config.constexprs(dim, value.element_size()).items()
-           if k not in ("HALF_BILINEAR", "HEAD_MAJOR")},
+        **{k: v for k, v in config.constexprs(dim, value.element_size(), head_major).items()
+           if k != "HALF_BILINEAR"},
     )
     return out

@@ -33,11 +33,11 @@ with the engine's weights, and the exported program stays the model as it was.
   locations and weights (at batch 8, 1.1 GB a layer) are never written and read back. The same
   float32 arithmetic (the softmax's rounding aside); the CPU path runs the layer's own ops.
 - "msda-head-major": every MSDA call reads its value from a head-major copy (B, heads, tokens,
-  dim), where a sampling point's horizontal corners are neighbours in memory: the kernel alone
-  is 6-8% faster at Co-DINO's calls on an H200 (bench/RESULTS.md, "MSDA kernel"). The copy is
-  a clone of the value projection's masked output, which Inductor can fuse into the kernel that
-  writes it; whether it does, and what the engine gains, is what the engine benchmark must show
-  (`CANDIDATES=msda-head-major bash bench/device_engine.sh passes`). Values unchanged.
+  dim), where a sampling point's horizontal corners are neighbours in memory. The copy is a
+  clone of the value projection's masked output, which Inductor fuses into the kernel that
+  writes it (pointwise time +0.1 ms at batch 8). On an H200 the engine's MSDA time fell 14.98
+  -> 13.74 ms at batch 8, the engine 72.53 -> 71.19 ms (batch 1: 10.40 -> 10.16 ms;
+  bench/RESULTS.md). Values unchanged.
 """
 
 from __future__ import annotations
