@@ -43,6 +43,11 @@ OPTION_PRESETS: dict[str, dict[str, Any]] = {
     # row-contiguously) also compiled persistent; the faster of the two is picked by timing both
     # at the first call.
     "multi-kernel": {"triton.multi_kernel": 1},
+    # Convolutions in channels-last layout. Inductor decides this per graph and skips it when
+    # convolutions are a few of many nodes (6 of Co-DINO's thousands): then the neck's convs
+    # read Swin's channels-last outputs through an NCHW copy, cuDNN picks a CUDA-core kernel for
+    # the 3x3 stride-2 one, and the encoder's flatten to tokens copies every level back.
+    "layout-opt": {"force_layout_optimization": True},
 }
 
 

@@ -2,8 +2,8 @@
 -> publisher, and its life.
 
 `run(config)` starts everything, serves until SIGTERM/SIGINT (or `stop_event`), and shuts down
-cleanly: intake stops, the batch in flight is published, sockets close. SIGHUP re-reads the config
-file (on a thread of its own: the main loop keeps its heartbeats while a file is read) and
+cleanly: intake stops, the batches in flight are published, sockets close. SIGHUP re-reads the
+config file (on a thread of its own: the main loop keeps its heartbeats while a file is read) and
 applies the difference stream by stream; the engine and the untouched streams (and their frame
 indexes) carry on as if nothing happened. A file that cannot be used changes nothing and costs
 one log line. Each camera is a `Stream` with its own source thread; each device (`engine.gpus`,
@@ -14,6 +14,7 @@ thread applies reloads and sends the per-stream heartbeats.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import signal
@@ -36,7 +37,7 @@ from codetr_stream.daemon.pipeline.batcher import Batcher
 from codetr_stream.daemon.pipeline.frames import Frame, FrameSlots
 from codetr_stream.daemon.pipeline.postprocess import DROP_ALL
 from codetr_stream.daemon.pipeline.preprocess import frame_rgb
-from codetr_stream.daemon.pipeline.runner import BatchOutput, Runner
+from codetr_stream.daemon.pipeline.runner import BatchOutput, PendingBatch, Runner
 from codetr_stream.daemon.pipeline.source import Source
 from codetr_stream.daemon.stream import Lane, Stream, Watchers
 from codetr_stream.daemon.system import fd_budget, systemd
@@ -52,6 +53,8 @@ WATCHDOG_STALL_S = 30.0
 # thread. 1 ms was measured against 5 ms (bench/RESULTS.md, 16 cameras, H200): same throughput,
 # shorter preprocessing tail but longer postprocessing tail, so the default stays.
 SWITCH_INTERVAL_S: float | None = None
+# Batches queued on a GPU engine worker's stream at once: the one the engine runs and the next.
+IN_FLIGHT = 2
 
 
 class NoGpu(RuntimeError):
@@ -90,12 +93,13 @@ class _Worker:
 
 @dataclass
 class _Batch:
-    """A batch whose outputs are on the host, with the stream each frame came from (None: gone
-    before the batch was taken)."""
+    """A batch submitted to its worker's runner, with the stream each frame came from (None: gone
+    before the batch was taken). Holding it keeps its frames' pixels alive until the device has
+    read them."""
 
     frames: list[Frame]
     streams: list[Stream | None]
-    out: BatchOutput
+    pending: PendingBatch
     started: float  # monotonic, when it was submitted
 
 
@@ -155,7 +159,7 @@ class Service:
 
     def serve(self, stop: threading.Event, reload: threading.Event | None = None) -> None:
         """Run the engine workers and the main loop until `stop` is set; each worker finishes
-        the batch in flight. A worker's exception stops everything and is raised here."""
+        its batches in flight. A worker's exception stops everything and is raised here."""
         threads = [threading.Thread(target=self._work, args=(worker, stop), daemon=True,
                                     name=f"engine-{worker.device}-{i}")
                    for i, worker in enumerate(self.workers)]
@@ -263,42 +267,50 @@ class Service:
     def _work(self, worker: _Worker, stop: threading.Event) -> None:
         """One engine worker: batches from its lane's slots through its runner to the publisher.
 
-        On a GPU a batch is published while the engine runs the next one, if the next is already
-        waiting: the engine then waits for the host only while a batch is being submitted.
+        On a GPU up to IN_FLIGHT batches are queued on the runner's stream: the next batch is
+        submitted while the engine runs this one (when it is already waiting), so the GPU never
+        waits for the host to collect, publish and submit, and a batch is published while the
+        engine runs the next. On a CPU each batch runs inside `submit`, and one is published
+        before the next is taken.
         """
-        done: _Batch | None = None
+        in_flight: collections.deque[_Batch] = collections.deque()
+        depth = IN_FLIGHT if worker.runner.asynchronous else 1
         try:
             if worker.device.type == "cuda":
                 torch.cuda.set_device(worker.device)
             while not stop.is_set():
-                if done is not None and not (worker.runner.asynchronous
-                                             and worker.batcher.ready()):
-                    self._publish(done)  # nothing to overlap with: publish now
-                    done = None
-                frames = worker.batcher.next_batch(stop)
-                started = time.monotonic()
-                # Each frame's stream, looked up once: its filter now, its ROI at publishing.
-                streams = [self.streams.get(frame.stream) for frame in frames]
-                pending = (worker.runner.submit(
-                    frames, [DROP_ALL if s is None else s.filter for s in streams])
-                    if frames else None)
-                if done is not None:
-                    self._publish(done)
-                    done = None
-                if pending is not None:
-                    out = pending.result()
-                    self.watchers.metrics.observe_batch(len(frames), time.monotonic() - started)
-                    done = _Batch(frames, streams, out, started)
-                    self._watchdog.progress()
+                if len(in_flight) < depth and (not in_flight or worker.batcher.ready()):
+                    frames = worker.batcher.next_batch(stop)
+                    if frames:
+                        in_flight.append(self._submit(worker, frames))
+                else:
+                    self._finish(in_flight.popleft())
                 self.watchers.liveness.beat()
-            if done is not None:  # the batch in flight is always published
-                self._publish(done)
+            while in_flight:  # the batches in flight are always published
+                self._finish(in_flight.popleft())
         except BaseException as exc:
             self._failure = exc
             stop.set()
 
-    def _publish(self, batch: _Batch) -> None:
-        out = batch.out
+    def _submit(self, worker: _Worker, frames: list[Frame]) -> _Batch:
+        started = time.monotonic()
+        # Each frame's stream, looked up once: its filter now, its ROI at publishing.
+        streams = [self.streams.get(frame.stream) for frame in frames]
+        pending = worker.runner.submit(frames,
+                                       [DROP_ALL if s is None else s.filter for s in streams])
+        return _Batch(frames, streams, pending, started)
+
+    def _finish(self, batch: _Batch) -> None:
+        """Wait for `batch`'s outputs, then publish them."""
+        out = batch.pending.result()
+        # The batch's own device time (CUDA events; wall clock on a CPU), not its wait in the
+        # queue behind the batch before it.
+        engine_s = (out.preprocess_ms + out.infer_ms + out.postprocess_ms) / 1e3
+        self.watchers.metrics.observe_batch(len(batch.frames), engine_s)
+        self._watchdog.progress()
+        self._publish(batch, out)
+
+    def _publish(self, batch: _Batch, out: BatchOutput) -> None:
         for frame, stream, rows in zip(batch.frames, batch.streams, out.rows, strict=True):
             if stream is None or not stream.open:  # removed by a reload while it waited
                 continue

@@ -8,6 +8,7 @@ import sys
 import time
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 from codetr_stream.compile.model_inputs import preprocess
@@ -114,3 +115,30 @@ def test_runner_postprocesses_the_batch_on_the_gpu_as_the_reference(tmp_path) ->
         torch.testing.assert_close(torch.from_numpy(got), torch.from_numpy(want),
                                    atol=1e-3, rtol=1e-5)
     assert len(out.rows[0]) > 0 and len(out.rows[2]) == 0
+
+
+@pytest.mark.gpu
+def test_two_batches_in_flight_give_what_each_gives_alone(tmp_path) -> None:
+    """The daemon queues a batch while the engine runs the one before (service.IN_FLIGHT): the
+    runner's shared input buffers, the engine's outputs and the postprocessing of the two batches
+    stay apart, so both read back exactly what each gives when run alone."""
+    device = torch.device("cuda")
+    runner = Runner(build_tiny_engine(tmp_path / "engine"), device)
+    runner.warm_up()
+    gen = torch.Generator(device).manual_seed(2)
+
+    def frames(sizes: list[tuple[int, int]]) -> list[Frame]:
+        return [Frame(f"cam{i}", 0, None, 0, torch.randint(0, 256, (h * 3 // 2, w),
+                      dtype=torch.uint8, device=device, generator=gen), "nv12", h, w)
+                for i, (h, w) in enumerate(sizes)]
+
+    first, second = frames([(360, 640), (240, 428), (360, 640)]), frames([(480, 640)] * 2)
+    filters = [FrameFilter(0.0)] * 3
+    alone = [runner.run(first, filters).rows, runner.run(second, filters[:2]).rows]
+    queued = [runner.submit(first, filters), runner.submit(second, filters[:2])]
+    together = [pending.result().rows for pending in queued]
+    for want, got in zip(alone, together, strict=True):
+        assert len(got) == len(want)
+        for i, (w, g) in enumerate(zip(want, got, strict=True)):
+            assert len(w) > 0, i
+            np.testing.assert_array_equal(g, w)
