@@ -51,14 +51,17 @@ def start_cameras(size: str, fps: int, seconds: float = 10.0) -> tuple[subproces
 
 
 def build_full_engine(out: Path, backend: str, precision: str, batch_sizes: list[int]):
-    """Full-size Co-DINO Swin-L at 1152x768 with seeded random weights; returns the engine."""
+    """Full-size Co-DINO Swin-L at 1152x768 with seeded random weights, an Inductor engine
+    with `codetr-stream compile`'s default passes; returns the engine."""
     from codetr_stream.compile.build import build_model_engine
+    from codetr_stream.compile.build_commands import DEFAULT_PASSES
     from codetr_stream.compile.coco_classes import COCO_CLASSES
 
     started = time.perf_counter()
+    options = {"passes": list(DEFAULT_PASSES)} if backend == "inductor" else {}
     engine, _ = build_model_engine("co_dino_swin_l", out, backend=backend, precision=precision,
                                    input_hw=(768, 1152), batch_sizes=batch_sizes, seed=0,
-                                   class_names=COCO_CLASSES, device="cuda")
+                                   class_names=COCO_CLASSES, device="cuda", **options)
     print(f"engine {backend} {precision} {batch_sizes} built in "
           f"{time.perf_counter() - started:.0f} s", flush=True)
     return engine
