@@ -31,6 +31,9 @@
 #                                         # /tmp/codetr_release_engine for bench/device_pipeline.sh
 #                                         # in the next warm call) and of an eager FP32 engine of
 #                                         # the same weights, then bench/eval_gpu.sh of both (~6 min)
+#   bash bench/device_engine.sh overlap   # `codetr-stream compile` of the batch-8 and batch-16
+#                                         # engines at once, then bench/overlap.py: each engine
+#                                         # on one stream vs two instances on two streams (~4 min)
 #   bash bench/device_engine.sh blocks    # the GPU tests of the window-attention op (and the tiny
 #                                         # model on the GPU), then bench/swin_block.py: the Swin
 #                                         # block pieces side by side (~6 min)
@@ -160,6 +163,17 @@ case "${1:-sizes}" in
     EVAL_IMAGES=${EVAL_IMAGES:-100} timeout 260 bash bench/eval_gpu.sh "$eager" "$engine"
     status=$?
     ;;
+  overlap)
+    compile=(python3 -m codetr_stream.daemon.cli compile --random-weights --seed 0
+      --backend inductor --precision fp16 --size 1152x768)
+    "${compile[@]}" --batch 8 --out /tmp/codetr_overlap_b8 >"$out/build_b8.log" 2>&1 &
+    "${compile[@]}" --batch 16 --out /tmp/codetr_overlap_b16 >"$out/build_b16.log" 2>&1
+    wait
+    grep -hv Warning "$out"/build_b*.log | grep -e "times:" -e "vs fp32"
+    timeout 200 python3 bench/overlap.py --engines /tmp/codetr_overlap_b8,/tmp/codetr_overlap_b16 \
+      --iters 20 --repeats 3 --out "$out/overlap.md" 2>&1 | "${quiet[@]}" | tail -n 12
+    status=${PIPESTATUS[0]}
+    ;;
   blocks)
     # The GPU tests in three processes at once: the float64 formula they check the kernel
     # against runs on the CPU (~2 min for the stage-1 shapes alone).
@@ -186,7 +200,7 @@ case "${1:-sizes}" in
     status=$((tests || PIPESTATUS[0]))
     ;;
   *)
-    echo "usage: bash bench/device_engine.sh sizes|variants|tuning|main|passes|release|eval|blocks" \
+    echo "usage: bash bench/device_engine.sh sizes|variants|tuning|main|passes|release|eval|overlap|blocks" \
       >&2
     exit 2
     ;;

@@ -210,7 +210,10 @@ class _Graph:
             torch.cuda.current_stream(device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             try:
-                with torch.cuda.graph(graph):
+                # Captured on this graph's own stream: cuBLAS keeps a workspace per stream and
+                # the graph replays with the one of its capture stream, so graphs captured on a
+                # shared stream (torch's default) must never replay at the same time.
+                with torch.cuda.graph(graph, stream=stream):
                     self.outputs = fn(self.images, self.masks)
             except RuntimeError as exc:  # still correct without the graph, only slower
                 log.warning("batch %d: CUDA graph capture failed, running without: %s",
