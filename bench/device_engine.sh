@@ -24,8 +24,10 @@
 #   bash bench/device_engine.sh release   # the engine as a user builds it (`codetr-stream
 #                                         # compile --batch 1,8`, timed cold), a daemon-like warm
 #                                         # start (fresh caches), its timing at batch 1 and 8 with
-#                                         # profiles, then the GPU test of the Inductor engine with
-#                                         # the default passes (~9 min: start it on a fresh machine)
+#                                         # profiles and the generated code of the profiled
+#                                         # kernels (kernels_b8.txt), then the GPU test of the
+#                                         # Inductor engine with the default passes (~9 min: start
+#                                         # it on a fresh machine)
 #   bash bench/device_engine.sh eval      # carry [".whl-eval"]: `codetr-stream compile` of the
 #                                         # Inductor FP16 engine for batch 8 (timed cold, kept in
 #                                         # /tmp/codetr_release_engine for bench/device_pipeline.sh
@@ -143,6 +145,10 @@ case "${1:-sizes}" in
       --title "The engine as built by codetr-stream compile" 2>&1 | "${quiet[@]}" \
       | tail -n 40 | tee -a "$log"
     bench_status=${PIPESTATUS[0]}
+    # The generated code of the Triton kernels the batch-8 profile names (bench/kernel_source.py).
+    mapfile -t kernels < <(grep -ho "triton_[a-z]*_fused_[A-Za-z0-9_]*" "$profiles"/*_b8_*.txt \
+      | sort -u)
+    python3 bench/kernel_source.py "$engine" --batch 8 "${kernels[@]}" >"$out/kernels_b8.txt" 2>&1
     # Last, so that a call cut short by its time limit has the numbers above.
     timeout 150 python3 -m pytest -p no:cacheprovider -m gpu -q -rA tests/test_engines_inductor.py \
       -k "compiled_graphs and passes and not msda" 2>&1 | tail -n 8 | tee -a "$log"

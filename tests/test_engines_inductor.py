@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import kernel_source
 import pytest
 import torch
 from codetr_stream.compile import build_model
@@ -74,6 +75,14 @@ def test_fp32_inductor_engine_equals_eager(data_dir: Path, tmp_path: Path, tiny_
     assert {"weights", "compiled graphs"} <= loaded.start_seconds.keys()
     for got, expected in zip(loaded.infer(images, masks), built, strict=True):
         assert torch.equal(got, expected)
+    # The saved graph keeps the code Inductor generated as text: bench/kernel_source.py finds a
+    # kernel a profile names, the line that launches it and the buffers it is given.
+    code = kernel_source.generated_code(tmp_path, 1)
+    names = kernel_source.kernel_names(code)
+    assert len(names) > 3
+    definition, launches = kernel_source.kernel_source(code, names[-1]).split("# launched as:")
+    assert definition.startswith(f"{names[-1]} = async_compile.") and "kernel(" in definition
+    assert f"{names[-1]}(buf" in launches and "= empty_strided_cpu(" in launches
     # The same size, other bytes (a disk fault): the file is named, with the rebuild command.
     graph = tmp_path / manifest.files["inductor_b1"]
     data = bytearray(graph.read_bytes())
