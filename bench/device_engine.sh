@@ -114,7 +114,8 @@ case "${1:-sizes}" in
     # shellcheck disable=SC2086  # GPU_TESTS: test files, split on spaces
     start_gpu_tests ${GPU_TESTS-tests/test_reductions.py tests/test_msda_offsets.py \
       tests/test_engines_inductor.py}
-    default=${DEFAULT_PASSES:-fold-masks+linear-relu+linear-gelu+merge-linears+round-norms+msda-head-major}
+    default=${DEFAULT_PASSES:-$(python3 -c "from codetr_stream.compile.build_commands import \
+DEFAULT_PASSES; print('+'.join(DEFAULT_PASSES))")}
     variants=$default
     for candidate in ${CANDIDATES//,/ }; do variants+=",$default+$candidate"; done
     baseline=()

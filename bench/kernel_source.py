@@ -35,9 +35,8 @@ def kernel_names(code: str) -> list[str]:
     return list(dict.fromkeys(DEFINITION.findall(code)))
 
 
-def resolve(code: str, name: str) -> str:
-    """`name`, or the one kernel whose name starts with it (profiles cut long names short)."""
-    names = kernel_names(code)
+def resolve(names: list[str], name: str) -> str:
+    """`name`, or the one of `names` that starts with it (profiles cut long names short)."""
     if name in names:
         return name
     matches = [n for n in names if n.startswith(name)]
@@ -79,12 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="list the kernels the graph defines")
     args = parser.parse_intermixed_args(argv)
     code = generated_code(args.engine, args.batch)
+    defined = kernel_names(code)
     if args.list or not args.names:
-        print("\n".join(kernel_names(code)))
+        print("\n".join(defined))
     status = 0
     for name in args.names:
         try:
-            print(kernel_source(code, resolve(code, name)), end="\n\n")
+            print(kernel_source(code, resolve(defined, name)), end="\n\n")
         except KeyError as exc:
             print(f"{exc.args[0]} in {args.engine}/inductor_b{args.batch}.bin (--list shows the "
                   "kernels it defines)", file=sys.stderr)

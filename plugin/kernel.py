@@ -274,6 +274,13 @@ def stored_head_major(value: Tensor) -> bool:
     return not value.is_contiguous() and value.transpose(1, 2).is_contiguous()
 
 
+def value_as_read(value: Tensor) -> tuple[Tensor, bool]:
+    """`value` as a kernel reads it, and whether head-major: either layout as it is stored,
+    any other copied to (B, tokens, H, DIM) contiguous."""
+    head_major = stored_head_major(value)
+    return (value if head_major else value.contiguous()), head_major
+
+
 def head_major_copy(value: Tensor) -> Tensor:
     """`value` (B, tokens, H, DIM) as a view of a head-major copy (`stored_head_major`)."""
     return value.transpose(1, 2).contiguous().transpose(1, 2)
@@ -306,8 +313,7 @@ def ms_deform_attn_triton(
     batch, tokens, heads, dim = value.shape
     _, queries, _, levels, points, _ = sampling_locations.shape
     config = config or launch_config()
-    head_major = stored_head_major(value)  # read as it is stored; other layouts are copied
-    value = value if head_major else value.contiguous()
+    value, head_major = value_as_read(value)
     if config.half_bilinear and value.dtype != torch.float16:
         raise ValueError(f"half_bilinear needs float16 values, got {value.dtype}")
     out = value.new_empty(batch, queries, heads * dim)
@@ -336,8 +342,7 @@ def ms_deform_attn_offsets_triton(
     batch, tokens, heads, dim = value.shape
     _, queries, levels, ref_dims = reference.shape
     points = logits.shape[-1] // (heads * levels)
-    head_major = stored_head_major(value)
-    value = value if head_major else value.contiguous()
+    value, head_major = value_as_read(value)
     config = config or launch_config()
     offsets, logits = (t if t.stride(-1) == 1 and t.stride(0) == t.shape[1] * t.stride(1)
                        else t.contiguous() for t in (offsets, logits))
