@@ -255,6 +255,19 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def publish(section: str, script: str, argv: list[str] | None, note: str, body: str,
+            results: Path | None) -> str:
+    """A side-by-side script's report: `section`, the GPU, torch, date and command line, `note`
+    and `body`; printed, and written into the RESULTS.md `results` when given."""
+    command = f"python bench/{script} " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = "\n".join([section, "", f"{torch.cuda.get_device_name()}, torch {torch.__version__}, "
+                      f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC; `{command}`; {note}", "", body])
+    print("\n" + text, flush=True)
+    if results:
+        write_results(results, text, section)
+    return text
+
+
 def write_results(path: Path, text: str, section: str = SECTION) -> None:
     """Replace a script's `section` of RESULTS.md (or append it), leaving others' alone."""
     old = path.read_text() if path.exists() else "# Benchmark results\n"

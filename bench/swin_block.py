@@ -24,7 +24,6 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,7 @@ from codetr_stream.plugin.window_attention import (
     windowed_sdpa,
 )
 from codetr_stream.plugin.window_kernel import WindowLaunch, window_attention_triton
-from engine import median_ms, write_results  # bench/engine.py (this folder is on sys.path)
+from engine import median_ms, publish  # bench/engine.py (this folder is on sys.path)
 from torch import Tensor
 from window_baselines import window_attention_baseline
 
@@ -64,16 +63,23 @@ def graphed(fn: Callable[[], Tensor]) -> tuple[Callable[[], None], Tensor]:
     return graph.replay, out
 
 
-def measure(name: str, fn: Callable[[], Tensor], reference: Tensor,
-            row: dict[str, Any]) -> dict[str, Any]:
-    """One variant: its max |error| against `reference`, then its median ms (graph replay)."""
+def max_error(got: Tensor, reference: Tensor) -> dict[str, float]:
+    return {"max_err": float((got.float() - reference).abs().max())}
+
+
+def measure(name: str, fn: Callable[[], Tensor], reference: Tensor | None,
+            row: dict[str, Any],
+            errors: Callable[[Tensor, Tensor], dict[str, float]] = max_error) -> dict[str, Any]:
+    """One variant: its `errors` against `reference` (none without one), then its median ms
+    (graph replay)."""
     out = dict(row, variant=name)
     try:
         with torch.inference_mode():
             replay, got = graphed(fn)
             replay()
             torch.cuda.synchronize()
-            out["max_err"] = float((got.float() - reference).abs().max())
+            if reference is not None:
+                out.update(errors(got, reference))
             out["ms"] = round(median_ms(replay, warmup=5, iters=50), 4)
     except Exception as exc:  # a launch shape this GPU or Triton cannot run
         out["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
@@ -176,17 +182,10 @@ def main(argv: list[str] | None = None) -> int:
                                        sdpa=not args.kernels_only)
             if not args.kernels_only:
                 rows += gelu_rows(stage, batch)
-    command = "python bench/swin_block.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = "\n".join([
-        SECTION, "", f"{torch.cuda.get_device_name()}, torch {torch.__version__}, "
-        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC; `{command}`; FP16, CUDA-graph replay, median "
-        "of 50 CUDA-event timings; max |error| against FP32 on the same inputs.", "",
-        table(rows)])
-    print("\n" + text, flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
-    if args.results:
-        write_results(args.results, text, SECTION)
+    publish(SECTION, "swin_block.py", argv, "FP16, CUDA-graph replay, median of 50 CUDA-event "
+            "timings; max |error| against FP32 on the same inputs.", table(rows), args.results)
     return 0
 
 
