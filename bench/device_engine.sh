@@ -117,7 +117,8 @@ case "${1:-sizes}" in
     default=${DEFAULT_PASSES:-$(python3 -c "from codetr_stream.compile.build_commands import \
 DEFAULT_PASSES; print('+'.join(DEFAULT_PASSES))")}
     variants=$default
-    for candidate in ${CANDIDATES//,/ }; do variants+=",$default+$candidate"; done
+    candidates=${CANDIDATES:-}  # none: the default engine alone (against .baseline, if carried)
+    for candidate in ${candidates//,/ }; do variants+=",$default+$candidate"; done
     baseline=()
     if [[ -d .baseline/codetr_stream ]]; then
       baseline=(--baseline-code .baseline --baseline-variant "$default"
